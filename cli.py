@@ -1,0 +1,232 @@
+"""The `compress` command line (typer). Arguments are `recipe=NAME_OR_PATH` and `key=value` only.
+
+    compress run recipe=flap_20 model=smollm2-135m output=out/flap20
+    compress eval model=out/flap20 ppl=quick
+    compress validate recipe=flap_20 stages.0.sparsity=0.3
+    compress print recipe=flap_20
+    compress ls
+    compress cp flap_20 my_recipe.yaml
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prune large language models into smaller checkpoints that load with transformers.")
+
+ARGS = typer.Argument(None, help="recipe=NAME_OR_PATH and key=value overrides (dotted paths, list indices)")
+DEBUG = typer.Option(False, "--debug", help="show full tracebacks")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _quiet_libraries() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def _guard(debug: bool, action):
+    from compress.errors import NumericalError, UserError
+
+    _quiet_libraries()
+    try:
+        return action()
+    except typer.Exit:
+        raise
+    except UserError as err:
+        if debug:
+            raise
+        _fail(str(err))
+    except NumericalError as err:
+        if debug:
+            raise
+        _fail(f"numerical problem: {err}", 1)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written to the output folder", 130)
+    except Exception as err:  # unexpected: one line, the traceback only with --debug
+        if debug:
+            raise
+        _fail(f"internal error ({type(err).__name__}): {err}. Re-run with --debug for the traceback", 1)
+
+
+def _split(args: list[str] | None) -> tuple[str | None, list[str]]:
+    from compress.errors import UserError
+
+    recipe, overrides = None, []
+    for arg in args or []:
+        if arg.startswith("-"):
+            raise UserError(f"unknown option {arg}; options are --overwrite, --debug, --quiet")
+        if "=" not in arg:
+            raise UserError(f"argument '{arg}' is not key=value (e.g. model=smollm2-135m)")
+        key, _, value = arg.partition("=")
+        if key == "recipe":
+            recipe = value
+        else:
+            overrides.append(arg)
+    return recipe, overrides
+
+
+def _load(args, extra: list[str] = ()):
+    from compress.errors import UserError
+    from compress.recipe import load_recipe
+
+    recipe, overrides = _split(args)
+    if recipe is None:
+        raise UserError("no recipe given: add recipe=NAME (see `compress ls`) or recipe=path.yaml")
+    return load_recipe(recipe, list(overrides) + list(extra))
+
+
+@app.command()
+def run(args: list[str] = ARGS, overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
+        quiet: bool = typer.Option(False, "--quiet", help="no progress bars"), debug: bool = DEBUG):
+    """Prune a model as the recipe says and write the checkpoint."""
+
+    def action():
+        from compress.pipeline import run as run_pipeline
+
+        recipe = _load(args, ["export.overwrite=true"] if overwrite else [])
+        start = time.perf_counter()
+        report = run_pipeline(recipe, progress=not quiet, log=lambda m: typer.echo(m, err=True))
+        _summary(report, time.perf_counter() - start)
+
+    _guard(debug, action)
+
+
+def _summary(report: dict, total_seconds: float) -> None:
+    params = report["params"]
+    ppl = report["ppl"]
+    fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+    rows = [
+        ("parameters", f"{params['total_before']:,} -> {params['total_after']:,}"),
+        ("decoder-linear sparsity", f"{report['sparsity']['achieved_decoder_linear']:.2%}"),
+        (f"ppl ({ppl['windows']})", f"{fmt(ppl.get('dense'))} -> {fmt(ppl.get('pruned'))}"),
+        ("pruning time", f"{report['seconds']['prune']:.1f} s"),
+        ("total time", f"{total_seconds:.1f} s"),
+        ("peak memory", f"{report['peak_rss_mib']:.0f} MiB"),
+        ("output", report.get("export", {}).get("output", "(not exported)")),
+    ]
+    width = max(len(name) for name, _ in rows)
+    typer.echo("")
+    for name, value in rows:
+        typer.echo(f"  {name:<{width}}  {value}")
+
+
+@app.command()
+def validate(args: list[str] = ARGS, debug: bool = DEBUG):
+    """Check a recipe (schema, model source, data files, output folder) without loading weights."""
+
+    def action():
+        from compress.pipeline import preflight
+
+        recipe = _load(args)
+        preflight(recipe, export=recipe.export.output is not None)
+        typer.echo("recipe is valid")
+
+    _guard(debug, action)
+
+
+@app.command(name="print")
+def print_recipe(args: list[str] = ARGS, debug: bool = DEBUG):
+    """Print the resolved recipe (defaults filled in, overrides applied) as YAML."""
+
+    def action():
+        from compress.recipe import dump_recipe
+
+        typer.echo(dump_recipe(_load(args)), nl=False)
+
+    _guard(debug, action)
+
+
+@app.command(name="ls")
+def list_things():
+    """List packaged recipes, methods and built-in models."""
+    from compress.loading import BUILTINS
+    from compress.methods import METHODS
+    from compress.recipe import RECIPES_DIR, packaged_recipes
+
+    typer.echo("recipes:")
+    for name in packaged_recipes():
+        first = (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        typer.echo(f"  {name:<16} {first}")
+    typer.echo("methods:")
+    for name, cls in sorted(METHODS.items()):
+        summary = (sys.modules[cls.__module__].__doc__ or name).strip().splitlines()[0]
+        typer.echo(f"  {name:<16} {summary}")
+    typer.echo("built-in models:")
+    for name, spec in BUILTINS.items():
+        typer.echo(f"  {name:<16} {spec.description}")
+
+
+@app.command()
+def cp(name: str, destination: str, debug: bool = DEBUG):
+    """Copy a packaged recipe to a file you can edit."""
+
+    def action():
+        from compress.errors import UserError
+        from compress.recipe import find_recipe
+
+        target = Path(destination)
+        if target.exists():
+            raise UserError(f"{target} exists; choose another destination")
+        shutil.copyfile(find_recipe(name), target)
+        typer.echo(f"copied {name} to {target}")
+
+    _guard(debug, action)
+
+
+@app.command(name="eval")
+def evaluate(args: list[str] = ARGS, quiet: bool = typer.Option(False, "--quiet"), debug: bool = DEBUG):
+    """Perplexity of a model: `compress eval model=NAME_OR_PATH [ppl=quick|full|N] [text=FILE]`."""
+
+    def action():
+        from compress.errors import UserError
+        from compress.loading import load_model
+        from compress.pipeline import _Progress, evaluate_ppl
+        from compress.recipe import EvalConfig, ModelConfig, parse_value, validate_recipe
+
+        values = {}
+        for arg in args or []:
+            if "=" not in arg:
+                raise UserError(f"argument '{arg}' is not key=value")
+            key, _, value = arg.partition("=")
+            values[key] = parse_value(value)
+        allowed = {"model", "ppl", "text", "seq_len", "dtype", "threads"}
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise UserError(f"unknown eval key '{unknown[0]}'; valid keys: {', '.join(sorted(allowed))}")
+        recipe = validate_recipe({
+            "model": ModelConfig(name=values.get("model"), dtype=values.get("dtype", "float32")).model_dump(),
+            "stages": [{"method": "flap", "sparsity": 0.0}],
+            "eval": EvalConfig(**{k: values[k] for k in ("ppl", "text", "seq_len") if k in values}).model_dump(),
+        })
+        from compress.pipeline import preflight
+
+        preflight(recipe, export=False)
+        if values.get("threads"):
+            import torch
+
+            torch.set_num_threads(int(values["threads"]))
+        model, tokenizer = load_model(recipe.model.name, recipe.model.dtype)
+        value = evaluate_ppl(model, tokenizer, recipe, _Progress(not quiet), "eval")
+        typer.echo(f"ppl ({recipe.eval.ppl}, {recipe.eval.seq_len} tokens) {value:.4f}")
+
+    _guard(debug, action)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""compress: prune large language models into smaller checkpoints that load with transformers.
+
+Python API (the same recipe as the CLI):
+
+    import compress
+    recipe = compress.load_recipe("flap_20", ["model=smollm2-135m", "output=out/flap20"])
+    report = compress.run(recipe)
+    model = compress.load("out/flap20")
+"""
+
+__version__ = "0.1.0"
+
+
+def load_recipe(recipe, overrides=None):
+    from compress.recipe import load_recipe as _load
+
+    return _load(recipe, overrides)
+
+
+def run(recipe, overrides=None, progress: bool = True, log=print):
+    """Run a recipe (a `Recipe`, a YAML path, a packaged name or a dict) end to end; returns the report."""
+    from compress.pipeline import run as _run
+    from compress.recipe import Recipe
+
+    if not isinstance(recipe, Recipe) or overrides:
+        recipe = load_recipe(recipe if not isinstance(recipe, Recipe) else recipe.model_dump(), overrides)
+    return _run(recipe, progress=progress, log=log)
+
+
+def load(path, dtype=None):
+    """Load a checkpoint written by compress (uniform or per-layer widths) without remote code."""
+    import torch
+
+    from compress.loading import load_pruned
+
+    return load_pruned(path, dtype=dtype or torch.float32)

@@ -1,0 +1,142 @@
+"""Base adapter for decoder-only transformers with q/k/v/o attention and a gated MLP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from compress.errors import UserError
+
+_REGISTRY: dict[str, type["Adapter"]] = {}
+
+
+def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
+    for model_type in cls.model_types:
+        _REGISTRY[model_type] = cls
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_adapter(model: nn.Module) -> "Adapter":
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in _REGISTRY:
+        raise UserError(
+            f"unsupported architecture '{model_type}': supported model types are "
+            f"{', '.join(supported_model_types())}"
+        )
+    return _REGISTRY[model_type](model)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads that share one key/value head."""
+        return self.num_heads // self.num_kv_heads
+
+
+class Adapter:
+    """Names and shapes of one architecture family. Subclasses set the attribute names."""
+
+    model_types: tuple[str, ...] = ()
+    layers_path = "model.layers"
+    attention_name = "self_attn"
+    q_name, k_name, v_name, o_name = "q_proj", "k_proj", "v_proj", "o_proj"
+    mlp_name = "mlp"
+    gate_name, up_name, down_name = "gate_proj", "up_proj", "down_proj"
+    base_model_path = "model"
+    # Transformers module holding the stock classes, for the exported modelling file.
+    transformers_module = ""
+    model_class = ""
+    config_class = ""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # ---- structure -------------------------------------------------------------------------
+    def layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.layers_path)
+
+    def base_model(self) -> nn.Module:
+        return self.model.get_submodule(self.base_model_path)
+
+    def num_layers(self) -> int:
+        return len(self.layers())
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.attention_name)
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.mlp_name)
+
+    def qkv(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        attn = self.attention(layer)
+        return getattr(attn, self.q_name), getattr(attn, self.k_name), getattr(attn, self.v_name)
+
+    def o_proj(self, layer: nn.Module) -> nn.Linear:
+        return getattr(self.attention(layer), self.o_name)
+
+    def gate_up(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+        mlp = self.mlp(layer)
+        return getattr(mlp, self.gate_name), getattr(mlp, self.up_name)
+
+    def down_proj(self, layer: nn.Module) -> nn.Linear:
+        return getattr(self.mlp(layer), self.down_name)
+
+    def decoder_linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
+        """Every prunable linear of a layer, keyed by its path inside the layer."""
+        a, m = self.attention_name, self.mlp_name
+        return {
+            f"{a}.{self.q_name}": self.qkv(layer)[0],
+            f"{a}.{self.k_name}": self.qkv(layer)[1],
+            f"{a}.{self.v_name}": self.qkv(layer)[2],
+            f"{a}.{self.o_name}": self.o_proj(layer),
+            f"{m}.{self.gate_name}": self.gate_up(layer)[0],
+            f"{m}.{self.up_name}": self.gate_up(layer)[1],
+            f"{m}.{self.down_name}": self.down_proj(layer),
+        }
+
+    def output_projection_paths(self) -> tuple[str, str]:
+        return f"{self.attention_name}.{self.o_name}", f"{self.mlp_name}.{self.down_name}"
+
+    # ---- shapes ----------------------------------------------------------------------------
+    def head_dim(self) -> int:
+        head_dim = getattr(self.config, "head_dim", None)
+        return head_dim or self.config.hidden_size // self.config.num_attention_heads
+
+    def attention_shape(self, layer: nn.Module) -> AttentionShape:
+        """Current (possibly pruned) head counts of one layer, read off the weights."""
+        head_dim = self.head_dim()
+        q, k, _ = self.qkv(layer)
+        return AttentionShape(q.out_features // head_dim, k.out_features // head_dim, head_dim)
+
+    def intermediate_size(self, layer: nn.Module) -> int:
+        return self.down_proj(layer).in_features
+
+    def layer_widths(self, layer: nn.Module) -> dict[str, int]:
+        shape = self.attention_shape(layer)
+        return {
+            "num_attention_heads": shape.num_heads,
+            "num_key_value_heads": shape.num_kv_heads,
+            "intermediate_size": self.intermediate_size(layer),
+        }
+
+    def check_supported(self) -> None:
+        """Raise UserError if this model instance cannot be handled (e.g. MoE layers here)."""
+        for index, layer in enumerate(self.layers()):
+            for name in (self.attention_name, self.mlp_name):
+                if not hasattr(layer, name):
+                    raise UserError(f"layer {index} has no '{name}' module: this model is not a supported "
+                                    f"{'/'.join(self.model_types)} layout")
+            if not isinstance(self.down_proj(layer), nn.Linear):
+                raise UserError(f"layer {index}: the MLP is not a dense gated MLP (mixture of experts is not "
+                                f"supported yet)")

@@ -1,0 +1,68 @@
+"""Perplexity and inference speed under the benchmark protocol (`../shared/BENCHMARK.md`).
+
+Perplexity: the text is tokenized whole and cut into non-overlapping windows of `seq_len`
+tokens (tail dropped); labels are the inputs (the model shifts them); ppl = exp(mean over
+windows of the window's mean token NLL). `quick` = the first 64 windows, `full` = all windows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+QUICK_WINDOWS = 64
+
+
+def eval_windows(ids: torch.Tensor, seq_len: int, windows: str | int) -> torch.Tensor:
+    """The evaluation windows [n, seq_len] for `quick`, `full` or an explicit count."""
+    available = len(ids) // seq_len
+    if windows == "full":
+        count = available
+    elif windows == "quick":
+        count = min(QUICK_WINDOWS, available)
+    else:
+        count = min(int(windows), available)
+    return ids[: count * seq_len].reshape(count, seq_len)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, progress: Callable | None = None) -> float:
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    for window in windows:
+        batch = window.unsqueeze(0).to(device)
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        total += float(loss)
+        if progress is not None:
+            progress(1)
+    return math.exp(total / len(windows))
+
+
+@torch.no_grad()
+def forward_tokens_per_second(model, batch_size: int = 4, seq_len: int = 512, repeats: int = 2) -> float:
+    """Tokens/s of a forward pass over a batch of `batch_size` x `seq_len` random tokens."""
+    model.eval()
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    model(input_ids=ids[:, :16], use_cache=False)  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    return repeats * ids.numel() / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def generation_tokens_per_second(model, new_tokens: int = 128) -> float:
+    """Tokens/s of greedy generation of `new_tokens` at batch 1 (no early stop)."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = torch.tensor([[1, 2, 3, 4]], device=device)
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, pad_token_id=0)
+    return new_tokens / (time.perf_counter() - start)

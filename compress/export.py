@@ -1,0 +1,190 @@
+"""Writing a pruned model as a folder that loads with `transformers`, and checking that it does.
+
+* Uniform widths: the stock config of the architecture (heads, KV heads, MLP width updated;
+  `attention_bias` / `mlp_bias` switched on if bias compensation added output biases, with zero
+  biases materialised on the sibling projections) -> plain `from_pretrained`.
+* Per-layer widths: the source config plus `per_layer_config`, `compress_output_biases` and an
+  `auto_map` to the shipped `modeling_pruned.py` -> `from_pretrained(..., trust_remote_code=True)`,
+  or `compress.load(folder)` without running any code from the folder.
+
+The folder is written under a temporary name beside the target, reloaded, compared with the
+in-memory model (max |logit difference| under a tolerance, in float32) and only then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.arch.base import Adapter
+from compress.errors import UserError
+
+MODELING_FILE = Path(__file__).with_name("modeling_pruned.py")
+
+
+def check_output_dir(output: str | None, overwrite: bool) -> Path:
+    if not output:
+        raise UserError("no output folder: add output=DIR")
+    path = Path(output).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output {path} exists and is a file; choose another output=DIR")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"output folder {path} is not empty; choose another output=DIR or add --overwrite")
+    parent = path.parent if path.parent != Path("") else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write in {parent}; choose another output=DIR")
+    return path
+
+
+def layer_layout(adapter: Adapter) -> list[dict]:
+    """Per-layer widths and which output projections carry a bias."""
+    layout = []
+    o_path, down_path = adapter.output_projection_paths()
+    for layer in adapter.layers():
+        widths = adapter.layer_widths(layer)
+        widths["output_biases"] = [
+            path for path, linear in ((o_path, adapter.o_proj(layer)), (down_path, adapter.down_proj(layer)))
+            if linear.bias is not None
+        ]
+        layout.append(widths)
+    return layout
+
+
+def _materialize_biases(parent: nn.Module, names: list[str]) -> None:
+    for name in names:
+        old = getattr(parent, name)
+        if old.bias is None:
+            new = nn.Linear(old.in_features, old.out_features, bias=True, device=old.weight.device, dtype=old.weight.dtype)
+            with torch.no_grad():
+                new.weight.copy_(old.weight)
+                new.bias.zero_()
+            setattr(parent, name, new)
+
+
+def _stock_config_possible(adapter: Adapter, layout: list[dict]) -> bool:
+    first = {k: v for k, v in layout[0].items()}
+    if any({k: v for k, v in entry.items()} != first for entry in layout[1:]):
+        return False
+    config = adapter.config
+    heads = first["num_attention_heads"]
+    # LlamaConfig-style validators demand hidden_size % heads == 0 even with an explicit head_dim.
+    return config.hidden_size % heads == 0 and heads % first["num_key_value_heads"] == 0
+
+
+def _write_uniform(model, adapter: Adapter, layout: list[dict], folder: Path, max_shard_size: str) -> None:
+    first = layout[0]
+    config = model.config
+    if first["output_biases"]:
+        attention_bias = adapter.output_projection_paths()[0] in first["output_biases"]
+        mlp_bias = adapter.output_projection_paths()[1] in first["output_biases"]
+        for layer in adapter.layers():
+            if attention_bias:
+                _materialize_biases(adapter.attention(layer), [adapter.q_name, adapter.k_name, adapter.v_name])
+            if mlp_bias:
+                _materialize_biases(adapter.mlp(layer), [adapter.gate_name, adapter.up_name])
+        config.attention_bias = config.attention_bias or attention_bias
+        config.mlp_bias = config.mlp_bias or mlp_bias
+    config.num_attention_heads = first["num_attention_heads"]
+    config.num_key_value_heads = first["num_key_value_heads"]
+    config.intermediate_size = first["intermediate_size"]
+    if getattr(config, "head_dim", None) is None:
+        config.head_dim = adapter.head_dim()
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+
+
+def _write_per_layer(model, adapter: Adapter, layout: list[dict], folder: Path, max_shard_size: str) -> None:
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["head_dim"] = adapter.head_dim()
+    config["per_layer_config"] = {
+        str(index): {k: entry[k] for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")}
+        for index, entry in enumerate(layout)
+    }
+    config["compress_output_biases"] = {
+        str(index): entry["output_biases"] for index, entry in enumerate(layout) if entry["output_biases"]
+    }
+    config["compress_base"] = {
+        "module": adapter.transformers_module, "model_class": adapter.model_class, "config_class": adapter.config_class,
+    }
+    config["auto_map"] = {
+        "AutoConfig": "modeling_pruned.PrunedConfig",
+        "AutoModelForCausalLM": "modeling_pruned.PrunedForCausalLM",
+    }
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    source = MODELING_FILE.read_text()
+    for constant, value in (("BASE_MODULE", adapter.transformers_module), ("BASE_MODEL_CLASS", adapter.model_class),
+                            ("BASE_CONFIG_CLASS", adapter.config_class)):
+        source = _set_constant(source, constant, value)
+    (folder / "modeling_pruned.py").write_text(source)
+
+
+def _set_constant(source: str, name: str, value: str) -> str:
+    lines = source.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith(f"{name} = "):
+            lines[i] = f'{name} = "{value}"\n'
+            return "".join(lines)
+    raise RuntimeError(f"constant {name} missing from {MODELING_FILE}")
+
+
+@torch.no_grad()
+def max_logit_difference(reference, reloaded, vocab_size: int, seq_len: int = 64) -> float:
+    ids = torch.randint(vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(1234))
+    reference.eval()
+    reloaded.eval()
+    expected = reference(input_ids=ids.to(next(reference.parameters()).device), use_cache=False).logits.float().cpu()
+    actual = reloaded(input_ids=ids, use_cache=False).logits.float().cpu()
+    return float((expected - actual).abs().max())
+
+
+def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwrite: bool, max_shard_size: str,
+                     finalize=None, verify: bool = True, tolerance: float = 1e-4) -> dict:
+    """Write, reload, compare, add `finalize(facts)` files (report, card), then move into place."""
+    from compress.loading import load_pruned
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    layout = layer_layout(adapter)
+    stock = _stock_config_possible(adapter, layout)
+    try:
+        if stock:
+            _write_uniform(model, adapter, layout, staging, max_shard_size)
+        else:
+            _write_per_layer(model, adapter, layout, staging, max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        difference = None
+        if verify:
+            reloaded = load_pruned(staging, dtype=torch.float32)
+            reference_dtype = next(model.parameters()).dtype
+            model.float()
+            try:
+                difference = max_logit_difference(model, reloaded, model.config.vocab_size)
+            finally:
+                model.to(reference_dtype)
+            del reloaded
+            if not difference < tolerance:
+                raise RuntimeError(f"reloaded checkpoint differs from the pruned model: max |logit difference| "
+                                   f"{difference:.3g} >= {tolerance:g}; nothing was written")
+        facts = {"format": "stock" if stock else "per_layer", "reload_max_abs_logit_diff": difference,
+                 "trust_remote_code_needed": not stock}
+        if finalize is not None:
+            for name, text in finalize(facts).items():
+                (staging / name).write_text(text)
+        if output.exists():
+            if not overwrite and any(output.iterdir()):
+                raise UserError(f"output folder {output} appeared while running; add --overwrite")
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return facts

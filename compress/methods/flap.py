@@ -1,0 +1,96 @@
+"""FLAP: fluctuation-based adaptive structured pruning (An et al., AAAI 2024, arXiv 2312.11983).
+
+Removes whole attention KV groups and MLP channels without retraining.
+
+* Signal: how much each input channel of `o_proj` / `down_proj` fluctuates over the calibration
+  tokens. A channel that barely moves around its mean can be replaced by that mean, which a bias
+  absorbs (bias compensation: `b += W[:, removed] @ mean[removed]`).
+* Metrics (per input channel j of the output projection W):
+  `IFV` = Var(x_j); `WIFV` (default) = Var(x_j) * ||W[:, j]||^2; `WIFN` = mean_i |W_ij| * ||x_j||_2.
+  As in the reference code, the attention metric is squared (`square_attention_metric`).
+* Structures: `AL-AM` (default) z-scores the channel metric per layer and module, scores a KV group
+  by the mean z of its channels, and keeps units by one global ranking in which each unit weighs
+  its real parameter count (a KV group = its query heads + its k/v head + its o_proj columns), so
+  the achieved sparsity matches the target under GQA. `UL-UM` removes the same share from every
+  layer. `uniform: true` then rounds the decision to one width per kind so the stock config holds.
+* Statistics are taken on the dense model (layer outputs propagate unpruned, as the global
+  ranking needs every layer's scores before any decision).
+
+Example stage:
+
+    - method: flap
+      sparsity: 0.2
+      metric: WIFV
+      structure: AL-AM
+      bias_compensation: true
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from compress.allocation import global_allocation, same_width_allocation, uniform_allocation
+from compress.config_base import StageConfig
+from compress.methods import register
+from compress.methods.base import LayerScores, StructuredMethod
+
+
+class FlapConfig(StageConfig):
+    method: Literal["flap"] = "flap"
+    metric: Literal["IFV", "WIFV", "WIFN"] = "WIFV"
+    structure: Literal["AL-AM", "UL-UM"] = "AL-AM"
+    bias_compensation: bool = True
+    square_attention_metric: bool = Field(True, description="square the o_proj metric as the reference code does")
+    uniform: bool = Field(False, description="one width per kind in every layer (stock config, no custom code)")
+    min_units: int = Field(1, ge=1, description="units of each kind always kept in every layer")
+
+
+def channel_metric(metric: str, weight: torch.Tensor, stats) -> torch.Tensor:
+    weight = weight.detach().float().cpu()
+    if metric == "IFV":
+        return stats.variance
+    if metric == "WIFV":
+        return stats.variance * weight.pow(2).sum(0)
+    return weight.abs().mean(0) * stats.l2_norm  # WIFN
+
+
+def standardize(values: torch.Tensor) -> torch.Tensor:
+    std = values.std()
+    return (values - values.mean()) / (std if std > 0 else 1.0)
+
+
+@register
+class Flap(StructuredMethod):
+    name = "flap"
+    Config = FlapConfig
+
+    def score_layer(self, index, adapter, layer, stats) -> LayerScores:
+        cfg = self.config
+        shape = adapter.attention_shape(layer)
+        attention = channel_metric(cfg.metric, adapter.o_proj(layer).weight, stats["attention"])
+        if cfg.square_attention_metric:
+            attention = attention.pow(2)
+        mlp = channel_metric(cfg.metric, adapter.down_proj(layer).weight, stats["mlp"])
+        if cfg.structure == "AL-AM":
+            group_scores = standardize(attention).reshape(shape.num_kv_heads, -1).mean(1)
+            mlp = standardize(mlp)
+        else:
+            group_scores = attention.reshape(shape.num_kv_heads, -1).sum(1)
+        return LayerScores(
+            units=self.unit_scores(index, adapter, layer, group_scores, mlp),
+            input_means={"attention": stats["attention"].mean, "mlp": stats["mlp"].mean},
+        )
+
+    def allocate(self, scores):
+        units = [u for layer_scores in scores.values() for u in layer_scores.units]
+        cfg = self.config
+        if cfg.structure == "AL-AM":
+            keep = global_allocation(units, cfg.sparsity, cfg.min_units)
+        else:
+            keep = uniform_allocation(units, cfg.sparsity, cfg.min_units)
+        if cfg.uniform:
+            keep = same_width_allocation(units, keep, cfg.sparsity, cfg.min_units)
+        return keep

@@ -1,0 +1,52 @@
+"""Wanda-sp: the structured Wanda baseline used in the FLAP paper.
+
+Channel score of input channel j of `o_proj` / `down_proj`: mean over output rows i of
+|W_ij| * ||x_j||_2 (the Wanda score averaged down a column). A KV group scores the sum of its
+channels. Every layer loses the same share of its parameters (KV groups rounded, MLP channels
+filling the rest of the layer's budget), and layers are pruned one after the other, each seeing
+the already pruned layers' outputs. No bias compensation by default.
+
+    - method: wanda_sp
+      sparsity: 0.2
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from compress.allocation import uniform_allocation
+from compress.config_base import StageConfig
+from compress.methods import register
+from compress.methods.base import LayerScores, StructuredMethod
+
+
+class WandaSpConfig(StageConfig):
+    method: Literal["wanda_sp"] = "wanda_sp"
+    bias_compensation: bool = False
+    min_units: int = Field(1, ge=1, description="units of each kind always kept in every layer")
+
+
+@register
+class WandaSp(StructuredMethod):
+    name = "wanda_sp"
+    Config = WandaSpConfig
+    sequential = True
+
+    def score_layer(self, index, adapter, layer, stats) -> LayerScores:
+        shape = adapter.attention_shape(layer)
+
+        def column_score(weight, channel_stats):
+            return (weight.detach().float().cpu().abs() * channel_stats.l2_norm[None, :]).mean(0)
+
+        attention = column_score(adapter.o_proj(layer).weight, stats["attention"])
+        mlp = column_score(adapter.down_proj(layer).weight, stats["mlp"])
+        return LayerScores(
+            units=self.unit_scores(index, adapter, layer, attention.reshape(shape.num_kv_heads, -1).sum(1), mlp),
+            input_means={"attention": stats["attention"].mean, "mlp": stats["mlp"].mean},
+        )
+
+    def allocate(self, scores):
+        units = [u for layer_scores in scores.values() for u in layer_scores.units]
+        return uniform_allocation(units, self.config.sparsity, self.config.min_units)

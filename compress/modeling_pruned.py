@@ -1,0 +1,100 @@
+"""Modelling code for checkpoints whose decoder layers have different widths.
+
+This file is copied next to every non-uniform checkpoint written by `compress` and referenced from
+`config.json` through `auto_map`, so that
+
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+rebuilds each decoder layer from `config.per_layer_config[i]`. `compress.load(folder)` uses the copy
+inside the installed package instead, so no code is ever run from the checkpoint folder.
+
+The stock architecture classes are reused: the model is built from the global (dense-width) config,
+then every decoder layer is rebuilt from its own per-layer view. Per-layer attributes written by
+`compress`: `intermediate_size`, `num_attention_heads`, `num_key_value_heads`. Bias flags for the
+output projections (added by bias compensation) live in `compress_output_biases`.
+
+The three constants below are rewritten by the exporter for the source architecture.
+"""
+
+import importlib
+
+import torch
+from torch import nn
+
+BASE_MODULE = "transformers.models.llama.modeling_llama"
+BASE_MODEL_CLASS = "LlamaForCausalLM"
+BASE_CONFIG_CLASS = "LlamaConfig"
+
+
+def _relaxed_validate_architecture(self):
+    # Per-layer head counts need not divide hidden_size when head_dim is explicit (the attention
+    # projections are sized by heads * head_dim, not by hidden_size).
+    if self.num_attention_heads % self.num_key_value_heads != 0:
+        raise ValueError(
+            f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+            f"num_key_value_heads ({self.num_key_value_heads})"
+        )
+
+
+def _attach_output_bias(parent: nn.Module, name: str) -> None:
+    old = getattr(parent, name)
+    if old.bias is not None:
+        return
+    new = nn.Linear(old.in_features, old.out_features, bias=True, device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+        new.bias.zero_()
+    setattr(parent, name, new)
+
+
+def make_classes(base_module: str, base_model_class: str, base_config_class: str):
+    """Return (config class, causal-LM class) for per-layer-width checkpoints of one architecture."""
+    module = importlib.import_module(base_module)
+    config_module = importlib.import_module(base_module.replace(".modeling_", ".configuration_"))
+    base_model = getattr(module, base_model_class)
+    base_config = getattr(config_module, base_config_class)
+
+    class PrunedConfig(base_config):
+        def validate_architecture(self):
+            if getattr(self, "head_dim", None):
+                _relaxed_validate_architecture(self)
+            else:
+                super().validate_architecture()
+
+    class PrunedForCausalLM(base_model):
+        config_class = PrunedConfig
+
+        def __init__(self, config):
+            from transformers.utils import logging
+
+            # The stock classes read the (dense) global widths once; every layer is rebuilt below.
+            had_access = config.allow_global_per_layer_attribute_access
+            config.allow_global_per_layer_attribute_access = True
+            verbosity = logging.get_verbosity()
+            logging.set_verbosity_error()
+            try:
+                super().__init__(config)
+            finally:
+                config.allow_global_per_layer_attribute_access = had_access
+                logging.set_verbosity(verbosity)
+            output_biases = getattr(config, "compress_output_biases", {}) or {}
+            layers = self.model.layers
+            for index in range(len(layers)):
+                layer_config = config.per_layer_config[index]
+                # Without this the per-layer view falls back to no attention implementation and
+                # the causal mask is silently dropped.
+                layer_config._attn_implementation = config._attn_implementation
+                layer_config.allow_global_per_layer_attribute_access = False
+                new_layer = type(layers[index])(layer_config, index)
+                for dotted in output_biases.get(str(index), output_biases.get(index, [])):
+                    parent_path, _, leaf = dotted.rpartition(".")
+                    _attach_output_bias(new_layer.get_submodule(parent_path), leaf)
+                layers[index] = new_layer
+            self.post_init()
+
+    PrunedConfig.__name__ = "Pruned" + base_config_class
+    PrunedForCausalLM.__name__ = "Pruned" + base_model_class
+    return PrunedConfig, PrunedForCausalLM
+
+
+PrunedConfig, PrunedForCausalLM = make_classes(BASE_MODULE, BASE_MODEL_CLASS, BASE_CONFIG_CLASS)

@@ -1,0 +1,247 @@
+"""`compress run`: load -> (dense eval) -> calibrate -> prune stage by stage -> eval -> export.
+
+Everything that can be checked without weights (recipe, model source and architecture, data
+files, output folder) is checked first, so a mistake fails in the first second and writes nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import compress
+from calibration.capture import LayerwiseCapture
+from calibration.data import calibration_windows, tokenize_text
+from compress.arch import get_adapter, supported_model_types
+from compress.errors import UserError
+from compress.evaluate import eval_windows, forward_tokens_per_second, generation_tokens_per_second, perplexity
+from compress.export import check_output_dir, layer_layout, write_checkpoint
+from compress.loading import describe_source, load_model, read_config
+from compress.methods import METHODS
+from compress.methods.base import StageContext
+from compress.recipe import Recipe, dump_recipe
+from compress.slicing import decoder_linear_params
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def preflight(recipe: Recipe, export: bool = True) -> Path | None:
+    """Every check that needs no weights. Returns the output folder (or None when not exporting)."""
+    kind = describe_source(recipe.model.name)
+    config = read_config(recipe.model.name, kind, recipe.model.trust_remote_code)
+    if config is not None and config.get("model_type") not in supported_model_types():
+        raise UserError(f"unsupported architecture '{config.get('model_type')}' for {recipe.model.name}: "
+                        f"supported model types are {', '.join(supported_model_types())}")
+    cal = recipe.calibration
+    if cal.source in ("text", "jsonl"):
+        if not cal.path or not Path(cal.path).expanduser().is_file():
+            raise UserError(f"calibration file not found: {cal.path}; set calibration.path= or use calibration=self")
+    if cal.source == "hf" and not cal.dataset:
+        raise UserError("calibration.source=hf needs calibration.dataset=NAME")
+    if recipe.eval.ppl != "none" and not Path(recipe.eval.text).expanduser().is_file():
+        raise UserError(f"evaluation text not found: {recipe.eval.text}; set eval.text= or ppl=none")
+    if not export:
+        return None
+    return check_output_dir(recipe.export.output, recipe.export.overwrite)
+
+
+class _Progress:
+    """tqdm bars on stderr; silent when disabled (tests, API use with progress=False)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def make(self, description: str, total: int, unit: str):
+        return tqdm(total=total, desc=description, unit=unit, disable=not self.enabled, leave=False,
+                    dynamic_ncols=True)
+
+    @contextmanager
+    def bar(self, description: str, total: int, unit: str):
+        bar = self.make(description, total, unit)
+        try:
+            yield bar.update
+        finally:
+            bar.close()
+
+
+def model_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _versions() -> dict:
+    versions = {"python": __import__("platform").python_version()}
+    for package in ("compress", "torch", "transformers", "safetensors"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = getattr(compress, "__version__", None) if package == "compress" else None
+    return versions
+
+
+def evaluate_ppl(model, tokenizer, recipe: Recipe, progress: _Progress, label: str, test_ids=None) -> float | None:
+    if recipe.eval.ppl == "none":
+        return None
+    if test_ids is None:
+        test_ids = tokenize_text(tokenizer, Path(recipe.eval.text).expanduser().read_text(encoding="utf-8"))
+    windows = eval_windows(test_ids, recipe.eval.seq_len, recipe.eval.ppl)
+    with progress.bar(f"ppl {label}", len(windows), "win") as update:
+        return perplexity(model, windows, update)
+
+
+def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True) -> dict:
+    """Run a validated recipe end to end. Returns the report (also written as report.json)."""
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    output = preflight(recipe, export)
+    bars = _Progress(progress)
+    seconds: dict[str, float] = {}
+    report: dict = {"compress_version": compress.__version__, "model": recipe.model.name}
+
+    start = time.perf_counter()
+    log(f"loading {recipe.model.name}")
+    model, tokenizer = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code,
+                                  recipe.model.revision)
+    adapter = get_adapter(model)
+    adapter.check_supported()
+    seconds["load"] = time.perf_counter() - start
+
+    params_before = model_params(model)
+    linear_before = decoder_linear_params(adapter)
+    ppl = {"windows": recipe.eval.ppl, "seq_len": recipe.eval.seq_len, "text": recipe.eval.text}
+    speed = {}
+    test_ids = None
+    if recipe.eval.ppl != "none":
+        test_ids = tokenize_text(tokenizer, Path(recipe.eval.text).expanduser().read_text(encoding="utf-8"))
+    if recipe.eval.dense:
+        start = time.perf_counter()
+        ppl["dense"] = evaluate_ppl(model, tokenizer, recipe, bars, "dense", test_ids)
+        if recipe.eval.speed:
+            speed["dense_forward_tokens_per_s"] = forward_tokens_per_second(model)
+            speed["dense_generate_tokens_per_s"] = generation_tokens_per_second(model)
+        seconds["dense_eval"] = time.perf_counter() - start
+        if ppl["dense"] is not None:
+            log(f"dense ppl {ppl['dense']:.2f}")
+
+    prune_start = time.perf_counter()
+    cal = recipe.calibration
+    log(f"calibration: {cal.num_samples} x {cal.seq_len} tokens from {cal.source if cal.source == 'self' else cal.path or cal.dataset}")
+    with bars.bar("calibration data", cal.num_samples, "seq") as update:
+        windows = calibration_windows(cal, model, tokenizer, progress=update)
+    seconds["calibration_data"] = time.perf_counter() - prune_start
+
+    stage_reports = []
+    for number, stage in enumerate(recipe.stages):
+        stage_start = time.perf_counter()
+        method = METHODS[stage.method](stage)
+
+        open_bars = []
+
+        def new_capture(passes: int, _number=number, _stage=stage):
+            total = passes * adapter.num_layers() * len(windows)
+            open_bars.append(bars.make(f"stage {_number} {_stage.method}", total, "seq"))
+            return LayerwiseCapture(adapter, windows, cal.batch_size, progress=open_bars[-1].update)
+
+        ctx = StageContext(adapter=adapter, new_capture=new_capture, log=log)
+        try:
+            details = method.run(ctx) or {}
+        finally:
+            for bar in open_bars:
+                bar.close()
+        seconds[f"stage_{number}_{stage.method}"] = time.perf_counter() - stage_start
+        stage_reports.append({"method": stage.method, "config": stage.model_dump(mode="json"), **details})
+        log(f"stage {number} ({stage.method}) done in {seconds[f'stage_{number}_{stage.method}']:.1f}s")
+    seconds["prune"] = time.perf_counter() - prune_start
+
+    linear_after = decoder_linear_params(adapter)
+    params_after = model_params(model)
+    if recipe.eval.ppl != "none":
+        start = time.perf_counter()
+        ppl["pruned"] = evaluate_ppl(model, tokenizer, recipe, bars, "pruned", test_ids)
+        if recipe.eval.speed:
+            speed["pruned_forward_tokens_per_s"] = forward_tokens_per_second(model)
+            speed["pruned_generate_tokens_per_s"] = generation_tokens_per_second(model)
+            if "dense_forward_tokens_per_s" in speed:
+                speed["forward_speedup"] = speed["pruned_forward_tokens_per_s"] / speed["dense_forward_tokens_per_s"]
+                speed["generate_speedup"] = speed["pruned_generate_tokens_per_s"] / speed["dense_generate_tokens_per_s"]
+        seconds["pruned_eval"] = time.perf_counter() - start
+        log(f"pruned ppl {ppl['pruned']:.2f}")
+
+    report.update({
+        "stages": stage_reports,
+        "layers": [{"index": i, **entry} for i, entry in enumerate(layer_layout(adapter))],
+        "params": {"total_before": params_before, "total_after": params_after,
+                   "decoder_linear_before": linear_before, "decoder_linear_after": linear_after},
+        "sparsity": {"targets": [s.sparsity for s in recipe.stages],
+                     "achieved_decoder_linear": 1 - linear_after / linear_before},
+        "ppl": ppl,
+        "speed": speed,
+        "seconds": seconds,
+        "versions": _versions(),
+    })
+
+    if export:
+        start = time.perf_counter()
+
+        def finalize(facts: dict) -> dict[str, str]:
+            seconds["export"] = time.perf_counter() - start
+            report["export"] = {"output": str(output), **facts}
+            report["peak_rss_mib"] = peak_rss_mib()
+            return {"report.json": json.dumps(report, indent=2) + "\n", "recipe.yaml": dump_recipe(recipe),
+                    "README.md": model_card(recipe, report)}
+
+        log(f"writing {output}")
+        write_checkpoint(model, tokenizer, adapter, output, overwrite=recipe.export.overwrite,
+                         max_shard_size=recipe.export.max_shard_size, finalize=finalize,
+                         verify=recipe.export.verify, tolerance=recipe.export.verify_tolerance)
+    report["peak_rss_mib"] = peak_rss_mib()
+    return report
+
+
+def model_card(recipe: Recipe, report: dict) -> str:
+    ppl = report["ppl"]
+    params = report["params"]
+    stages = ", ".join(f"{s.method} {s.sparsity:.0%}" for s in recipe.stages)
+    load = ("from transformers import AutoModelForCausalLM\n"
+            f"model = AutoModelForCausalLM.from_pretrained(\"PATH\"{', trust_remote_code=True' if report['export']['trust_remote_code_needed'] else ''})")
+    rows = [f"| parameters | {params['total_before']:,} | {params['total_after']:,} |",
+            f"| decoder-linear parameters | {params['decoder_linear_before']:,} | {params['decoder_linear_after']:,} |"]
+    if ppl.get("pruned") is not None:
+        dense = f"{ppl['dense']:.2f}" if ppl.get("dense") is not None else "–"
+        rows.append(f"| perplexity ({ppl['windows']}, {ppl['seq_len']} tokens, {Path(ppl['text']).name}) | "
+                    f"{dense} | {ppl['pruned']:.2f} |")
+    return "\n".join([
+        "---",
+        "library_name: transformers",
+        "tags: [pruned, compress]",
+        "---",
+        f"# {Path(str(recipe.model.name)).name} pruned with compress ({stages})",
+        "",
+        f"Pruned from `{recipe.model.name}` by `compress run` "
+        f"({report['sparsity']['achieved_decoder_linear']:.1%} of the decoder-linear parameters removed).",
+        "The exact recipe is in `recipe.yaml`, every measurement in `report.json`.",
+        "",
+        "| | dense | pruned |",
+        "|---|---|---|",
+        *rows,
+        "",
+        "## Load",
+        "",
+        "```python",
+        load,
+        "```",
+        "",
+        ("The layers have different widths, so the checkpoint ships `modeling_pruned.py` (read it before "
+         "enabling remote code), or load it without remote code via `compress.load(\"PATH\")`."
+         if report["export"]["trust_remote_code_needed"] else
+         "Every layer has the same width, so the stock architecture class loads it."),
+        "",
+    ])

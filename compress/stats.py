@@ -1,0 +1,58 @@
+"""Per-input-channel statistics of linear layers, accumulated in float64 from forward hooks."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from compress.errors import NumericalError
+
+
+class ChannelStats:
+    """Running count, sum and sum of squares of each input channel of one linear."""
+
+    def __init__(self, name: str, width: int):
+        self.name = name
+        self.count = 0
+        self.sum = torch.zeros(width, dtype=torch.float64)
+        self.sum_sq = torch.zeros(width, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise NumericalError(f"NaN or Inf in the input of {self.name}")
+        self.count += x.shape[0]
+        self.sum += x.sum(0).double().cpu()
+        self.sum_sq += (x * x).sum(0).double().cpu()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.sum / self.count).float()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance over all calibration tokens."""
+        mean = self.sum / self.count
+        return (self.sum_sq / self.count - mean * mean).clamp_min(0).float()
+
+    @property
+    def l2_norm(self) -> torch.Tensor:
+        """‖X_j‖₂ over all calibration tokens (Wanda's activation norm)."""
+        return self.sum_sq.sqrt().float()
+
+
+@contextmanager
+def input_stats(modules: dict[str, nn.Linear]):
+    """Collect ChannelStats of the inputs of `modules` while the block runs; hooks removed on exit."""
+    stats = {name: ChannelStats(name, module.in_features) for name, module in modules.items()}
+    handles = [
+        module.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.update(args[0]))
+        for name, module in modules.items()
+    ]
+    try:
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,1 @@
+"""Packaged recipes: `compress run recipe=NAME` finds `recipes/NAME.yaml` here."""

@@ -1,0 +1,42 @@
+"""Layer-by-layer capture reproduces the full model's forward exactly."""
+
+import torch
+
+from calibration.capture import LayerwiseCapture
+from calibration.data import sample_windows
+from compress.arch import get_adapter
+from tests.conftest import tiny_llama
+
+
+def test_layerwise_outputs_equal_full_forward():
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    windows = torch.randint(0, 320, (6, 24), generator=torch.Generator().manual_seed(0))
+    capture = LayerwiseCapture(adapter, windows, batch_size=4)
+    assert [h.shape[0] for h in capture.hidden] == [4, 2]
+    for index, layer in capture.layers():
+        capture.advance(capture.forward(index, layer))
+    with torch.no_grad():
+        expected = model.model(input_ids=windows, output_hidden_states=True, use_cache=False).hidden_states[-2]
+        # hidden_states[-1] is after the final norm in transformers 5; compare against the last layer's output.
+        last = model.model.norm(torch.cat(capture.hidden))
+    torch.testing.assert_close(last, model.model(input_ids=windows, use_cache=False).last_hidden_state)
+    assert expected.shape == torch.cat(capture.hidden).shape
+
+
+def test_capture_does_not_leave_patched_forwards():
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    LayerwiseCapture(adapter, torch.randint(0, 320, (2, 16)), batch_size=2)
+    assert all("forward" not in layer.__dict__ for layer in adapter.layers())
+
+
+def test_window_sampling_follows_protocol():
+    import random
+
+    ids = torch.arange(1000)
+    windows = sample_windows(ids, 4, 50, seed=0)
+    random.seed(0)
+    starts = [random.randint(0, 1000 - 50 - 1) for _ in range(4)]
+    assert windows[:, 0].tolist() == starts
+    assert torch.equal(windows[1], ids[starts[1]:starts[1] + 50])

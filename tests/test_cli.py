@@ -1,0 +1,120 @@
+"""The command line end to end on a tiny model, and its answers to bad input."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import compress
+from cli import app
+
+runner = CliRunner()
+
+
+def _args(recipe: dict) -> list[str]:
+    cal, ev = recipe["calibration"], recipe["eval"]
+    return [
+        "recipe=flap_20", f"model={recipe['model']['name']}", f"output={recipe['export']['output']}",
+        f"calibration={cal['path']}", f"calibration.num_samples={cal['num_samples']}",
+        f"calibration.seq_len={cal['seq_len']}", f"eval.text={ev['text']}", f"eval.seq_len={ev['seq_len']}",
+        f"ppl={ev['ppl']}", "sparsity=0.3",
+    ]
+
+
+def test_run_writes_a_complete_checkpoint(tiny_recipe, tmp_path):
+    result = runner.invoke(app, ["run", *_args(tiny_recipe), "--quiet"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "recipe.yaml",
+            "report.json", "README.md"} <= names
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["sparsity"]["achieved_decoder_linear"] - 0.3) < 0.04
+    assert report["export"]["reload_max_abs_logit_diff"] < 1e-4
+    assert report["ppl"]["dense"] > 0 and report["ppl"]["pruned"] > 0
+    assert len(report["layers"]) == 3 and "prune" in report["seconds"] and report["peak_rss_mib"] > 0
+    assert report["params"]["total_after"] < report["params"]["total_before"]
+    assert "decoder-linear sparsity" in result.output
+    model = compress.load(out)
+    assert sum(p.numel() for p in model.parameters()) == report["params"]["total_after"]
+
+
+def test_run_refuses_a_non_empty_output_then_overwrites(tiny_recipe, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("x")
+    result = runner.invoke(app, ["run", *_args(tiny_recipe), "--quiet"])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    result = runner.invoke(app, ["run", *_args(tiny_recipe), "--quiet", "--overwrite"])
+    assert result.exit_code == 0 and (out / "config.json").exists() and not (out / "precious.txt").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    (["stages.0.sparsty=0.3"], "did you mean 'stages.0.sparsity'"),
+    (["sparsity=1.2"], "less than 1"),
+    (["model=/no/such/folder"], "model not found"),
+    (["calibration=/no/such/file.txt"], "calibration file not found"),
+    (["eval.text=/no/such/test.txt"], "evaluation text not found"),
+    (["stages.0.method=nope"], "unknown method"),
+    (["notakeyvalue"], "not key=value"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(tiny_recipe, tmp_path, change, message):
+    result = runner.invoke(app, ["run", *_args(tiny_recipe), *change, "--quiet"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_fails_before_loading(tmp_path):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (folder / "model.safetensors").write_bytes(b"")
+    result = runner.invoke(app, ["validate", "recipe=flap_20", f"model={folder}"])
+    assert result.exit_code == 2 and "unsupported architecture 'gpt2'" in result.output
+    assert "llama" in result.output
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
+    result = runner.invoke(app, ["validate", "recipe=flap_20", f"model={folder}"])
+    assert result.exit_code == 2 and "pickled weights are never loaded" in result.output
+
+
+def test_debug_shows_the_traceback(tiny_recipe):
+    result = runner.invoke(app, ["run", *_args(tiny_recipe), "sparsity=1.2", "--debug"])
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def test_print_validate_ls_cp_eval(tiny_recipe, tmp_path):
+    result = runner.invoke(app, ["print", "recipe=flap_20", "stages.0.sparsity=0.25"])
+    assert result.exit_code == 0 and "sparsity: 0.25" in result.output
+    result = runner.invoke(app, ["ls"])
+    assert result.exit_code == 0 and "flap_20" in result.output and "smollm2-135m" in result.output
+    result = runner.invoke(app, ["cp", "flap_20", str(tmp_path / "mine.yaml")])
+    assert result.exit_code == 0 and (tmp_path / "mine.yaml").read_text().startswith("# FLAP 20%")
+    result = runner.invoke(app, ["validate", f"recipe={tmp_path / 'mine.yaml'}", f"model={tiny_recipe['model']['name']}",
+                                 f"calibration={tiny_recipe['calibration']['path']}", f"eval.text={tiny_recipe['eval']['text']}"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["eval", f"model={tiny_recipe['model']['name']}", f"text={tiny_recipe['eval']['text']}",
+                                 "ppl=2", "seq_len=32", "--quiet"])
+    assert result.exit_code == 0 and "ppl (2, 32 tokens)" in result.output
+
+
+def test_python_api_takes_the_same_recipe(tiny_recipe, tmp_path):
+    report = compress.run(tiny_recipe, progress=False, log=lambda _: None)
+    assert (tmp_path / "out" / "report.json").exists()
+    assert report["export"]["format"] in ("stock", "per_layer")
+
+
+def test_self_calibration_runs_without_data(tiny_recipe, tmp_path):
+    tiny_recipe["calibration"] = {"source": "self", "num_samples": 4, "seq_len": 16, "batch_size": 2}
+    report = compress.run(tiny_recipe, progress=False, log=lambda _: None)
+    assert report["sparsity"]["achieved_decoder_linear"] > 0.2

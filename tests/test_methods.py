@@ -1,0 +1,84 @@
+"""FLAP and Wanda-sp on a tiny GQA model: identity at 0, targets met, GQA kept consistent."""
+
+import pytest
+import torch
+
+from calibration.capture import LayerwiseCapture
+from compress.arch import get_adapter
+from compress.methods import METHODS
+from compress.methods.base import StageContext
+from compress.slicing import decoder_linear_params
+from tests.conftest import tiny_llama
+
+WINDOWS = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def prune(model, method: str, **config):
+    adapter = get_adapter(model)
+    cls = METHODS[method]
+    cls(cls.Config(method=method, **config)).run(StageContext(adapter, lambda passes: LayerwiseCapture(adapter, WINDOWS, 4)))
+    return adapter
+
+
+def logits(model, ids=WINDOWS[:2]):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda_sp"])
+def test_sparsity_zero_is_the_identity(method):
+    model, reference = tiny_llama(), tiny_llama()
+    prune(model, method, sparsity=0.0)
+    torch.testing.assert_close(logits(model), logits(reference))
+
+
+@pytest.mark.parametrize("method,config", [
+    ("flap", {}), ("flap", {"structure": "UL-UM"}), ("flap", {"metric": "IFV"}), ("flap", {"metric": "WIFN"}),
+    ("flap", {"uniform": True}), ("wanda_sp", {}),
+])
+@pytest.mark.parametrize("sparsity", [0.2, 0.5])
+def test_achieved_sparsity_close_to_target(method, config, sparsity):
+    model = tiny_llama(num_hidden_layers=4, intermediate_size=320)
+    adapter = get_adapter(model)
+    before = decoder_linear_params(adapter)
+    prune(model, method, sparsity=sparsity, **config)
+    achieved = 1 - decoder_linear_params(adapter) / before
+    # Tiny model: one KV group is 4% of a layer, so allow the granularity of one group.
+    assert abs(achieved - sparsity) < 0.04
+    for layer in adapter.layers():
+        shape = adapter.attention_shape(layer)
+        assert shape.num_kv_heads >= 1 and shape.num_heads == shape.num_kv_heads * 3
+        assert adapter.intermediate_size(layer) >= 1
+    assert torch.isfinite(logits(model)).all()
+
+
+def test_uniform_gives_the_same_width_in_every_layer():
+    model = tiny_llama(num_hidden_layers=4, intermediate_size=320)
+    adapter = prune(model, "flap", sparsity=0.4, uniform=True)
+    widths = {tuple(adapter.layer_widths(layer).values()) for layer in adapter.layers()}
+    assert len(widths) == 1
+
+
+def test_flap_bias_compensation_adds_output_biases_and_helps():
+    torch.manual_seed(0)
+    with_bias, without = tiny_llama(), tiny_llama()
+    reference = logits(tiny_llama(), WINDOWS)
+    prune(with_bias, "flap", sparsity=0.4)
+    prune(without, "flap", sparsity=0.4, bias_compensation=False)
+    adapter = get_adapter(with_bias)
+    assert any(adapter.down_proj(layer).bias is not None for layer in adapter.layers())
+    error_with = (logits(with_bias, WINDOWS) - reference).pow(2).mean()
+    error_without = (logits(without, WINDOWS) - reference).pow(2).mean()
+    assert error_with < error_without
+
+
+def test_flap_removes_low_fluctuation_channels():
+    model = tiny_llama(num_hidden_layers=1)
+    adapter = get_adapter(model)
+    down = adapter.down_proj(adapter.layers()[0])
+    with torch.no_grad():  # channel 7 carries no signal: its column of down_proj is tiny
+        down.weight[:, 7] *= 1e-6
+    prune(model, "flap", sparsity=0.2, structure="UL-UM")
+    # 160 channels -> the kept set no longer contains the dead channel (checked via the weights).
+    kept_columns = adapter.down_proj(adapter.layers()[0]).weight
+    assert kept_columns.abs().sum(0).min() > 1e-3

@@ -1,0 +1,77 @@
+"""Physical slicing equals masking, GQA groups stay consistent, bias compensation is exact on means."""
+
+import torch
+
+from compress.arch import get_adapter
+from compress.slicing import (attention_unit_params, compensation_bias, decoder_linear_params, group_channels,
+                              mlp_unit_params, slice_attention, slice_mlp)
+from tests.conftest import tiny_llama
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_removing_a_kv_group_equals_zeroing_its_query_heads_output():
+    ids = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(1))
+    sliced, masked = tiny_llama(), tiny_llama()
+    adapter_s, adapter_m = get_adapter(sliced), get_adapter(masked)
+    shape = adapter_s.attention_shape(adapter_s.layers()[0])
+    q_kept, _ = group_channels(shape, torch.tensor([1]))
+    slice_attention(adapter_s, adapter_s.layers()[0], torch.tensor([1]))
+    with torch.no_grad():
+        o = adapter_m.o_proj(adapter_m.layers()[0])
+        keep = torch.zeros(o.in_features, dtype=torch.bool)
+        keep[q_kept] = True
+        o.weight[:, ~keep] = 0
+    torch.testing.assert_close(_logits(sliced, ids), _logits(masked, ids))
+    layer = adapter_s.layers()[0]
+    assert adapter_s.attention_shape(layer).num_kv_heads == 1
+    assert adapter_s.attention_shape(layer).num_heads == 3
+
+
+def test_group_channels_follow_transformers_head_layout():
+    from compress.arch.base import AttentionShape
+
+    q, kv = group_channels(AttentionShape(num_heads=6, num_kv_heads=2, head_dim=4), torch.tensor([1]))
+    assert q.tolist() == list(range(12, 24))  # query heads 3, 4, 5
+    assert kv.tolist() == list(range(4, 8))   # key/value head 1
+
+
+def test_removing_mlp_channels_equals_zeroing_them():
+    ids = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(2))
+    sliced, masked = tiny_llama(), tiny_llama()
+    adapter_s, adapter_m = get_adapter(sliced), get_adapter(masked)
+    kept = torch.arange(0, 160, 3)
+    slice_mlp(adapter_s, adapter_s.layers()[1], kept)
+    with torch.no_grad():
+        down = adapter_m.down_proj(adapter_m.layers()[1])
+        removed = torch.ones(160, dtype=torch.bool)
+        removed[kept] = False
+        down.weight[:, removed] = 0
+    torch.testing.assert_close(_logits(sliced, ids), _logits(masked, ids))
+    assert adapter_s.intermediate_size(adapter_s.layers()[1]) == len(kept)
+
+
+def test_bias_compensation_is_exact_for_constant_removed_inputs():
+    linear = torch.nn.Linear(8, 5, bias=False)
+    x = torch.randn(100, 8)
+    x[:, 5:] = torch.tensor([0.5, -1.0, 2.0])  # the removed channels never fluctuate
+    kept = torch.arange(5)
+    shift = compensation_bias(linear, x.mean(0), kept)
+    with torch.no_grad():
+        expected = linear(x)
+        approx = x[:, :5] @ linear.weight[:, :5].T + shift
+    torch.testing.assert_close(approx, expected)
+
+
+def test_unit_parameter_counts_match_actual_removal():
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    layer = adapter.layers()[0]
+    before = decoder_linear_params(adapter)
+    attention_unit, mlp_unit = attention_unit_params(adapter, layer), mlp_unit_params(adapter, layer)
+    slice_attention(adapter, layer, torch.tensor([0]))
+    slice_mlp(adapter, layer, torch.arange(150))
+    assert before - decoder_linear_params(adapter) == attention_unit + 10 * mlp_unit
