@@ -133,19 +133,32 @@ def _set_constant(source: str, name: str, value: str) -> str:
     raise RuntimeError(f"constant {name} missing from {MODELING_FILE}")
 
 
+VERIFY_IDS = torch.randint(0, 1 << 30, (2, 64), generator=torch.Generator().manual_seed(1234))
+
+
 @torch.no_grad()
-def max_logit_difference(reference, reloaded, vocab_size: int, seq_len: int = 64) -> float:
-    ids = torch.randint(vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(1234))
-    reference.eval()
-    reloaded.eval()
-    expected = reference(input_ids=ids.to(next(reference.parameters()).device), use_cache=False).logits.float().cpu()
-    actual = reloaded(input_ids=ids, use_cache=False).logits.float().cpu()
-    return float((expected - actual).abs().max())
+def reference_logits(model) -> torch.Tensor:
+    """Float32 logits of `model` on a fixed random batch (the reload check's reference)."""
+    ids = VERIFY_IDS % model.config.vocab_size
+    dtype = next(model.parameters()).dtype
+    model.eval().float()
+    try:
+        return model(input_ids=ids.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
+    finally:
+        model.to(dtype)
+
+
+def max_logit_difference(expected: torch.Tensor, reloaded) -> float:
+    return float((expected - reference_logits(reloaded)).abs().max())
 
 
 def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwrite: bool, max_shard_size: str,
-                     finalize=None, verify: bool = True, tolerance: float = 1e-4) -> dict:
-    """Write, reload, compare, add `finalize(facts)` files (report, card), then move into place."""
+                     finalize=None, verify: bool = True, tolerance: float = 1e-4, release_model: bool = False) -> dict:
+    """Write, reload, compare, add `finalize(facts)` files (report, card), then move into place.
+
+    With `release_model`, the in-memory model's weights are freed once written (after its
+    reference logits are taken), so the reload does not hold two copies of the model.
+    """
     from compress.loading import load_pruned
 
     output = Path(output)
@@ -154,6 +167,7 @@ def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwr
     shutil.rmtree(staging, ignore_errors=True)
     layout = layer_layout(adapter)
     stock = _stock_config_possible(adapter, layout)
+    expected = reference_logits(model) if verify else None
     try:
         if stock:
             _write_uniform(model, adapter, layout, staging, max_shard_size)
@@ -162,14 +176,11 @@ def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwr
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         difference = None
+        if release_model:
+            model.to("meta")
         if verify:
             reloaded = load_pruned(staging, dtype=torch.float32)
-            reference_dtype = next(model.parameters()).dtype
-            model.float()
-            try:
-                difference = max_logit_difference(model, reloaded, model.config.vocab_size)
-            finally:
-                model.to(reference_dtype)
+            difference = max_logit_difference(expected, reloaded)
             del reloaded
             if not difference < tolerance:
                 raise RuntimeError(f"reloaded checkpoint differs from the pruned model: max |logit difference| "

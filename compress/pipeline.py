@@ -6,6 +6,7 @@ files, output folder) is checked first, so a mistake fails in the first second a
 
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import json
 import resource
@@ -97,8 +98,12 @@ def evaluate_ppl(model, tokenizer, recipe: Recipe, progress: _Progress, label: s
         return perplexity(model, windows, update)
 
 
-def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True) -> dict:
-    """Run a validated recipe end to end. Returns the report (also written as report.json)."""
+def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, release_model: bool = True) -> dict:
+    """Run a validated recipe end to end. Returns the report (also written as report.json).
+
+    The pruned model's weights are released once written (`release_model`), so the reload check
+    never holds two models; load the result with `compress.load(output)`.
+    """
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     output = preflight(recipe, export)
@@ -189,6 +194,7 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True) -
     })
 
     if export:
+        gc.collect()
         start = time.perf_counter()
 
         def finalize(facts: dict) -> dict[str, str]:
@@ -201,7 +207,8 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True) -
         log(f"writing {output}")
         write_checkpoint(model, tokenizer, adapter, output, overwrite=recipe.export.overwrite,
                          max_shard_size=recipe.export.max_shard_size, finalize=finalize,
-                         verify=recipe.export.verify, tolerance=recipe.export.verify_tolerance)
+                         verify=recipe.export.verify, tolerance=recipe.export.verify_tolerance,
+                         release_model=release_model)
     report["peak_rss_mib"] = peak_rss_mib()
     return report
 

@@ -5,8 +5,14 @@ from it, and the matching input columns of the output projection. Removing whole
 `num_attention_heads // num_key_value_heads` constant, which is what the stock attention code
 assumes. An MLP unit is one intermediate channel: a row of gate and up, a column of down.
 
-Bias compensation (FLAP): the removed inputs of an output projection are replaced by their
-calibration mean, i.e. `bias += W[:, removed] @ mean[removed]`, computed in float32.
+Compensation of the output projections (o_proj, down_proj), whose input columns are removed:
+* `MeanCompensation` (FLAP's bias compensation): the removed inputs are replaced by their
+  calibration mean, `bias += W[:, P] @ mean[P]`.
+* `LeastSquaresCompensation`: the removed inputs are replaced by their best linear prediction from
+  the kept ones, x_P ~ A x_K + c with A = Cov[P,K] Cov[K,K]^-1 (ridge-damped) and
+  c = mean[P] - A mean[K]; so `W_K += W_P A` and `bias += W_P c`. It contains the mean
+  compensation (A = 0) and minimises the output error over the calibration tokens.
+Both are computed in float64 before slicing.
 """
 
 from __future__ import annotations
@@ -15,6 +21,37 @@ import torch
 from torch import nn
 
 from compress.arch.base import Adapter, AttentionShape
+
+
+class MeanCompensation:
+    def __init__(self, mean: torch.Tensor):
+        self.mean = mean
+
+    def columns(self, linear: nn.Linear, kept: torch.Tensor) -> nn.Linear:
+        return keep_columns(linear, kept, compensation_bias(linear, self.mean, kept))
+
+
+class LeastSquaresCompensation:
+    def __init__(self, mean: torch.Tensor, covariance: torch.Tensor, damping: float = 0.01):
+        self.mean = mean.double()
+        self.covariance = covariance.double()
+        self.damping = damping
+
+    def columns(self, linear: nn.Linear, kept: torch.Tensor) -> nn.Linear:
+        removed_mask = torch.ones(linear.in_features, dtype=torch.bool)
+        removed_mask[kept] = False
+        removed = removed_mask.nonzero().squeeze(1)
+        weight = linear.weight.detach().double().cpu()
+        cov_kk = self.covariance[kept][:, kept]
+        cov_pk = self.covariance[removed][:, kept]
+        ridge = self.damping * cov_kk.diagonal().mean().clamp_min(1e-12)
+        eye = torch.eye(len(kept), dtype=torch.float64)
+        predictor = torch.linalg.solve(cov_kk + ridge * eye, cov_pk.T).T  # [removed, kept]
+        new_weight = weight[:, kept] + weight[:, removed] @ predictor
+        shift = weight[:, removed] @ (self.mean[removed] - predictor @ self.mean[kept])
+        bias = linear.bias.detach().double().cpu() + shift if linear.bias is not None else shift
+        device, dtype = linear.weight.device, linear.weight.dtype
+        return _new_linear(new_weight.to(device=device, dtype=dtype), bias.to(device=device, dtype=dtype))
 
 
 def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -64,18 +101,28 @@ def group_channels(shape: AttentionShape, kept_groups: torch.Tensor) -> tuple[to
     return q, kv
 
 
-def slice_attention(adapter: Adapter, layer: nn.Module, kept_groups, input_mean: torch.Tensor | None = None) -> None:
-    """Keep only `kept_groups` (KV-group indices) of a layer's attention, in place."""
+def _output_columns(linear: nn.Linear, kept: torch.Tensor, compensation) -> nn.Linear:
+    if compensation is None:
+        return keep_columns(linear, kept)
+    if isinstance(compensation, torch.Tensor):
+        compensation = MeanCompensation(compensation)
+    return compensation.columns(linear, kept)
+
+
+def slice_attention(adapter: Adapter, layer: nn.Module, kept_groups, compensation=None) -> None:
+    """Keep only `kept_groups` (KV-group indices) of a layer's attention, in place.
+
+    `compensation`: None, a mean vector (bias compensation) or a *Compensation object for o_proj.
+    """
     shape = adapter.attention_shape(layer)
     q_index, kv_index = group_channels(shape, kept_groups)
     attn = adapter.attention(layer)
     q, k, v = adapter.qkv(layer)
     o = adapter.o_proj(layer)
-    shift = compensation_bias(o, input_mean, q_index) if input_mean is not None else None
+    setattr(attn, adapter.o_name, _output_columns(o, q_index, compensation))
     setattr(attn, adapter.q_name, keep_rows(q, q_index))
     setattr(attn, adapter.k_name, keep_rows(k, kv_index))
     setattr(attn, adapter.v_name, keep_rows(v, kv_index))
-    setattr(attn, adapter.o_name, keep_columns(o, q_index, shift))
     # Some attention classes cache head counts as attributes; keep them truthful.
     kept = len(kv_index) // shape.head_dim
     for name, value in (("num_heads", kept * shape.group_size), ("num_key_value_heads", kept)):
@@ -83,16 +130,15 @@ def slice_attention(adapter: Adapter, layer: nn.Module, kept_groups, input_mean:
             setattr(attn, name, value)
 
 
-def slice_mlp(adapter: Adapter, layer: nn.Module, kept_channels, input_mean: torch.Tensor | None = None) -> None:
-    """Keep only `kept_channels` of a layer's MLP intermediate width, in place."""
+def slice_mlp(adapter: Adapter, layer: nn.Module, kept_channels, compensation=None) -> None:
+    """Keep only `kept_channels` of a layer's MLP intermediate width, in place (compensation as above)."""
     index = torch.as_tensor(kept_channels, dtype=torch.long).sort().values
     mlp = adapter.mlp(layer)
     gate, up = adapter.gate_up(layer)
     down = adapter.down_proj(layer)
-    shift = compensation_bias(down, input_mean, index) if input_mean is not None else None
+    setattr(mlp, adapter.down_name, _output_columns(down, index, compensation))
     setattr(mlp, adapter.gate_name, keep_rows(gate, index))
     setattr(mlp, adapter.up_name, keep_rows(up, index))
-    setattr(mlp, adapter.down_name, keep_columns(down, index, shift))
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(index)
 

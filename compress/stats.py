@@ -11,13 +11,22 @@ from compress.errors import NumericalError
 
 
 class ChannelStats:
-    """Running count, sum and sum of squares of each input channel of one linear."""
+    """Running count, sum and sum of squares of each input channel of one linear.
 
-    def __init__(self, name: str, width: int):
+    With `second_moment_stride`, the input's second-moment matrix sum(x x^T) is accumulated too,
+    over every `stride`-th token (the covariance needs far fewer tokens than channels x 10 to be
+    well estimated, and it is the one statistic whose cost grows with the width squared).
+    """
+
+    def __init__(self, name: str, width: int, second_moment_stride: int | None = None):
         self.name = name
         self.count = 0
         self.sum = torch.zeros(width, dtype=torch.float64)
         self.sum_sq = torch.zeros(width, dtype=torch.float64)
+        self.stride = second_moment_stride
+        self.gram = torch.zeros(width, width, dtype=torch.float64) if second_moment_stride else None
+        self.gram_sum = torch.zeros(width, dtype=torch.float64) if second_moment_stride else None
+        self.gram_count = 0
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -26,6 +35,11 @@ class ChannelStats:
         self.count += x.shape[0]
         self.sum += x.sum(0).double().cpu()
         self.sum_sq += (x * x).sum(0).double().cpu()
+        if self.gram is not None:
+            sub = x[:: self.stride]
+            self.gram_count += sub.shape[0]
+            self.gram_sum += sub.sum(0).double().cpu()
+            self.gram += (sub.T @ sub).double().cpu()
 
     @property
     def mean(self) -> torch.Tensor:
@@ -42,11 +56,18 @@ class ChannelStats:
         """‖X_j‖₂ over all calibration tokens (Wanda's activation norm)."""
         return self.sum_sq.sqrt().float()
 
+    def covariance(self) -> torch.Tensor:
+        """Input covariance (float64) from the sub-sampled second moment."""
+        if self.gram is None:
+            raise RuntimeError(f"{self.name}: covariance was not collected")
+        mean = self.gram_sum / self.gram_count
+        return self.gram / self.gram_count - torch.outer(mean, mean)
+
 
 @contextmanager
-def input_stats(modules: dict[str, nn.Linear]):
+def input_stats(modules: dict[str, nn.Linear], second_moment_stride: int | None = None):
     """Collect ChannelStats of the inputs of `modules` while the block runs; hooks removed on exit."""
-    stats = {name: ChannelStats(name, module.in_features) for name, module in modules.items()}
+    stats = {name: ChannelStats(name, module.in_features, second_moment_stride) for name, module in modules.items()}
     handles = [
         module.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.update(args[0]))
         for name, module in modules.items()

@@ -75,3 +75,33 @@ def test_unit_parameter_counts_match_actual_removal():
     slice_attention(adapter, layer, torch.tensor([0]))
     slice_mlp(adapter, layer, torch.arange(150))
     assert before - decoder_linear_params(adapter) == attention_unit + 10 * mlp_unit
+
+
+def test_least_squares_compensation_recovers_linearly_dependent_inputs():
+    from compress.slicing import LeastSquaresCompensation
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 4, bias=False)
+    base = torch.randn(500, 4)
+    x = torch.cat([base, base[:, :2] @ torch.tensor([[1.0, -2.0], [0.5, 3.0]]) + 0.7], dim=1)  # x4, x5 from x0, x1
+    compensation = LeastSquaresCompensation(x.double().mean(0), torch.cov(x.double().T, correction=0), damping=1e-9)
+    new = compensation.columns(linear, torch.arange(4))
+    with torch.no_grad():
+        torch.testing.assert_close(new(x[:, :4]), linear(x), atol=1e-4, rtol=1e-4)
+
+
+def test_least_squares_never_worse_than_mean_on_the_calibration_data():
+    from compress.slicing import LeastSquaresCompensation, MeanCompensation
+
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(12, 5, bias=False)
+    x = torch.randn(2000, 12) @ torch.randn(12, 12) + torch.randn(12)  # correlated channels
+    kept = torch.tensor([0, 2, 3, 5, 7, 8, 11])
+    errors = {}
+    for name, compensation in {
+        "mean": MeanCompensation(x.mean(0)),
+        "least_squares": LeastSquaresCompensation(x.double().mean(0), torch.cov(x.double().T, correction=0), 1e-6),
+    }.items():
+        with torch.no_grad():
+            errors[name] = float((compensation.columns(linear, kept)(x[:, kept]) - linear(x)).pow(2).mean())
+    assert errors["least_squares"] < 0.5 * errors["mean"]

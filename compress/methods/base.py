@@ -12,24 +12,28 @@ statistics, and how scores become keep-decisions. `StructuredMethod.run` does th
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compress.allocation import UnitScores
 from compress.arch.base import Adapter
 from compress.config_base import StageConfig
-from compress.slicing import attention_unit_params, mlp_unit_params, slice_attention, slice_mlp
+from compress.slicing import (LeastSquaresCompensation, MeanCompensation, attention_unit_params, mlp_unit_params,
+                              slice_attention, slice_mlp)
 from compress.stats import ChannelStats, input_stats
 
 
 @dataclass
 class LayerScores:
     units: list[UnitScores]
-    # Calibration mean of each output projection's input, for bias compensation.
-    input_means: dict[str, torch.Tensor] = field(default_factory=dict)
+    # How each output projection ("attention" -> o_proj, "mlp" -> down_proj) is compensated.
+    compensation: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -39,6 +43,19 @@ class StageContext:
     adapter: Adapter
     new_capture: callable  # (passes: int) -> LayerwiseCapture
     log: callable = print
+    work_dir: Path | None = None  # per-layer statistics that wait for a global decision
+
+
+class StoredLeastSquares:
+    """Least-squares compensation whose statistics wait on disk until the global decision."""
+
+    def __init__(self, path: Path, kind: str, damping: float):
+        self.path, self.kind, self.damping = path, kind, damping
+
+    def columns(self, linear, kept):
+        tensors = load_file(self.path)
+        solver = LeastSquaresCompensation(tensors[f"{self.kind}.mean"], tensors[f"{self.kind}.covariance"], self.damping)
+        return solver.columns(linear, kept)
 
 
 class Method:
@@ -68,8 +85,25 @@ class StructuredMethod(Method):
     def allocate(self, scores: dict[int, LayerScores]) -> dict[tuple[int, str], torch.Tensor]:
         raise NotImplementedError
 
-    def bias_compensation(self) -> bool:
-        return bool(getattr(self.config, "bias_compensation", False))
+    def compensation_mode(self) -> str:
+        return getattr(self.config, "compensation", "none")
+
+    def compensations(self, index: int, stats: dict[str, ChannelStats], work_dir: Path | None) -> dict[str, object]:
+        mode = self.compensation_mode()
+        if mode == "none":
+            return {}
+        if mode == "bias":
+            return {kind: MeanCompensation(s.mean) for kind, s in stats.items()}
+        damping = self.config.damping
+        if self.sequential or work_dir is None:
+            return {kind: LeastSquaresCompensation(s.mean, s.covariance(), damping) for kind, s in stats.items()}
+        path = Path(work_dir) / f"layer-{index:04d}.safetensors"
+        tensors = {}
+        for kind, s in stats.items():
+            tensors[f"{kind}.mean"] = (s.sum / s.count).contiguous()
+            tensors[f"{kind}.covariance"] = s.covariance().float().contiguous()
+        save_file(tensors, path)
+        return {kind: StoredLeastSquares(path, kind, damping) for kind in stats}
 
     @staticmethod
     def unit_scores(index: int, adapter: Adapter, layer: nn.Module, attention: torch.Tensor, mlp: torch.Tensor) -> list[UnitScores]:
@@ -79,26 +113,35 @@ class StructuredMethod(Method):
         ]
 
     def apply(self, adapter: Adapter, index: int, layer: nn.Module, keep: dict, scores: LayerScores) -> None:
-        compensate = self.bias_compensation()
         groups = keep[(index, "attention")]
         if len(groups) < adapter.attention_shape(layer).num_kv_heads:
-            slice_attention(adapter, layer, groups, scores.input_means.get("attention") if compensate else None)
+            slice_attention(adapter, layer, groups, scores.compensation.get("attention"))
         channels = keep[(index, "mlp")]
         if len(channels) < adapter.intermediate_size(layer):
-            slice_mlp(adapter, layer, channels, scores.input_means.get("mlp") if compensate else None)
+            slice_mlp(adapter, layer, channels, scores.compensation.get("mlp"))
 
     def run(self, ctx: StageContext) -> dict:
+        if ctx.work_dir is None and self.compensation_mode() == "least_squares" and not self.sequential:
+            with tempfile.TemporaryDirectory(prefix="compress-work-") as work_dir:
+                return self._run(ctx, Path(work_dir))
+        return self._run(ctx, ctx.work_dir)
+
+    def _run(self, ctx: StageContext, work_dir: Path | None) -> dict:
         adapter = ctx.adapter
         capture = ctx.new_capture(2 if self.sequential else 1)
+        stride = self.config.covariance_token_stride if self.compensation_mode() == "least_squares" else None
         scores: dict[int, LayerScores] = {}
         for index, layer in capture.layers():
-            with input_stats(self.observed(adapter, layer)) as stats:
+            with input_stats(self.observed(adapter, layer), stride) as stats:
                 outputs = capture.forward(index, layer)
             scores[index] = self.score_layer(index, adapter, layer, stats)
+            scores[index].compensation = self.compensations(index, stats, work_dir)
+            del stats
             if self.sequential:
                 self.apply(adapter, index, layer, self.allocate({index: scores[index]}), scores[index])
                 outputs = capture.forward(index, layer)
             capture.advance(outputs)
+        del capture
         if not self.sequential:
             keep = self.allocate(scores)
             for index, layer in enumerate(adapter.layers()):

@@ -24,7 +24,10 @@ from compress.methods.base import LayerScores, StructuredMethod
 
 class WandaSpConfig(StageConfig):
     method: Literal["wanda_sp"] = "wanda_sp"
-    bias_compensation: bool = False
+    compensation: Literal["least_squares", "bias", "none"] = Field(
+        "none", description="how o_proj/down_proj absorb the removed inputs (see compress.slicing)")
+    damping: float = Field(0.01, gt=0, description="ridge damping of the least-squares compensation, x mean variance")
+    covariance_token_stride: int = Field(4, ge=1, description="every n-th calibration token feeds the covariance")
     min_units: int = Field(1, ge=1, description="units of each kind always kept in every layer")
 
 
@@ -44,7 +47,6 @@ class WandaSp(StructuredMethod):
         mlp = column_score(adapter.down_proj(layer).weight, stats["mlp"])
         return LayerScores(
             units=self.unit_scores(index, adapter, layer, attention.reshape(shape.num_kv_heads, -1).sum(1), mlp),
-            input_means={"attention": stats["attention"].mean, "mlp": stats["mlp"].mean},
         )
 
     def allocate(self, scores):
