@@ -44,7 +44,7 @@ class CalibrationConfig(Strict):
     num_samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=8)
     seed: int = 0
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(4, ge=1)
 
 
 class ExportConfig(Strict):

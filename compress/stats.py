@@ -24,22 +24,33 @@ class ChannelStats:
         self.sum = torch.zeros(width, dtype=torch.float64)
         self.sum_sq = torch.zeros(width, dtype=torch.float64)
         self.stride = second_moment_stride
-        self.gram = torch.zeros(width, width, dtype=torch.float64) if second_moment_stride else None
+        # float32, updated in place (addmm_): each batch adds a few thousand tokens, and the
+        # covariance is ridge-damped before use, so float32 accumulation is ample.
+        self.gram = torch.zeros(width, width, dtype=torch.float32) if second_moment_stride else None
         self.gram_sum = torch.zeros(width, dtype=torch.float64) if second_moment_stride else None
         self.gram_count = 0
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        if not torch.isfinite(x).all():
-            raise NumericalError(f"NaN or Inf in the input of {self.name}")
-        self.count += x.shape[0]
-        self.sum += x.sum(0).double().cpu()
-        self.sum_sq += (x * x).sum(0).double().cpu()
+        x = x.detach().reshape(-1, x.shape[-1])
+        if x.dtype != torch.float32:
+            x = x.float()
+        tokens = x.shape[0]
+        # One pass over the activations for both moments; NaN/Inf propagate into the sums and
+        # are caught by check_finite() after the layer has run.
+        variance, mean = torch.var_mean(x, dim=0, correction=0)
+        mean = mean.double().cpu()
+        self.count += tokens
+        self.sum += mean * tokens
+        self.sum_sq += (variance.double().cpu() + mean * mean) * tokens
         if self.gram is not None:
             sub = x[:: self.stride]
             self.gram_count += sub.shape[0]
             self.gram_sum += sub.sum(0).double().cpu()
-            self.gram += (sub.T @ sub).double().cpu()
+            self.gram.addmm_(sub.T.cpu(), sub.cpu())
+
+    def check_finite(self) -> None:
+        if not (torch.isfinite(self.sum).all() and torch.isfinite(self.sum_sq).all()):
+            raise NumericalError(f"NaN or Inf in the input of {self.name}")
 
     @property
     def mean(self) -> torch.Tensor:
@@ -61,7 +72,7 @@ class ChannelStats:
         if self.gram is None:
             raise RuntimeError(f"{self.name}: covariance was not collected")
         mean = self.gram_sum / self.gram_count
-        return self.gram / self.gram_count - torch.outer(mean, mean)
+        return self.gram.double() / self.gram_count - torch.outer(mean, mean)
 
 
 @contextmanager
@@ -77,3 +88,5 @@ def input_stats(modules: dict[str, nn.Linear], second_moment_stride: int | None 
     finally:
         for handle in handles:
             handle.remove()
+    for layer_stats in stats.values():
+        layer_stats.check_finite()

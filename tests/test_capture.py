@@ -15,7 +15,7 @@ def test_layerwise_outputs_equal_full_forward():
     capture = LayerwiseCapture(adapter, windows, batch_size=4)
     assert [h.shape[0] for h in capture.hidden] == [4, 2]
     for index, layer in capture.layers():
-        capture.advance(capture.forward(index, layer))
+        capture.forward(index, layer)
     with torch.no_grad():
         expected = model.model(input_ids=windows, output_hidden_states=True, use_cache=False).hidden_states[-2]
         # hidden_states[-1] is after the final norm in transformers 5; compare against the last layer's output.

@@ -133,14 +133,13 @@ class StructuredMethod(Method):
         scores: dict[int, LayerScores] = {}
         for index, layer in capture.layers():
             with input_stats(self.observed(adapter, layer), stride) as stats:
-                outputs = capture.forward(index, layer)
+                capture.forward(index, layer, advance=not self.sequential)
             scores[index] = self.score_layer(index, adapter, layer, stats)
             scores[index].compensation = self.compensations(index, stats, work_dir)
             del stats
             if self.sequential:
                 self.apply(adapter, index, layer, self.allocate({index: scores[index]}), scores[index])
-                outputs = capture.forward(index, layer)
-            capture.advance(outputs)
+                capture.forward(index, layer, advance=True)
         del capture
         if not self.sequential:
             keep = self.allocate(scores)

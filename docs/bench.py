@@ -1,0 +1,54 @@
+"""Re-run the benchmark rows of docs/benchmarks.md, one run at a time, and print the table rows.
+
+    python docs/bench.py                 # every row (about an hour on 2 CPU cores)
+    python docs/bench.py flap_20 wanda_sp_20   # some rows
+
+Each row is one `compress run` under `/usr/bin/time -v` (peak RSS of the whole process); all other
+figures come from the run's report.json. Outputs go to $BENCH_DIR (default /tmp/compress-bench).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+OUT = Path(os.environ.get("BENCH_DIR", "/tmp/compress-bench"))
+COMMON = "model=smollm2-135m --quiet --overwrite"
+ROWS = {
+    "flap_20": "recipe=flap_20 eval.speed=true",
+    "flap_20_full": "recipe=flap_20 ppl=full",
+    "flap_20_bias": "recipe=flap_20 stages.0.compensation=bias",
+    "flap_20_self": "recipe=flap_20 calibration=self",
+    "flap_20_uniform": "recipe=flap_20 stages.0.uniform=true eval.speed=true",
+    "flap_50": "recipe=flap_50 eval.speed=true",
+    "flap_50_bias": "recipe=flap_50 stages.0.compensation=bias",
+    "wanda_sp_20": "recipe=wanda_sp_20 eval.speed=true",
+}
+
+
+def run_row(name: str) -> str:
+    output = OUT / name
+    command = f"compress run {ROWS[name]} {COMMON} output={output}"
+    result = subprocess.run(["/usr/bin/time", "-v", *shlex.split(command)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{result.stderr[-2000:]}")
+    rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    report = json.loads((output / "report.json").read_text())
+    ppl, speed = report["ppl"], report["speed"]
+    ratio = (f"{speed['forward_speedup']:.2f} / {speed['generate_speedup']:.2f}" if "forward_speedup" in speed else "–")
+    return (f"| {name} | {report['sparsity']['achieved_decoder_linear']:.2%} | {report['params']['total_after']:,} | "
+            f"{ppl['dense']:.2f} | {ppl['pruned']:.2f} | {report['seconds']['prune']:.0f} | {rss_kib / 1024:,.0f} | "
+            f"{ratio} | `{command}` |")
+
+
+if __name__ == "__main__":
+    OUT.mkdir(parents=True, exist_ok=True)
+    print("| row | sparsity | params | dense ppl | pruned ppl | prune s | peak RSS MiB | speed fwd / gen | command |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in sys.argv[1:] or ROWS:
+        print(run_row(row), flush=True)
