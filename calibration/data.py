@@ -45,7 +45,8 @@ def read_source_text(source: str, path: str | None = None, field: str = "text", 
         import datasets
 
         try:
-            rows = datasets.load_dataset(dataset, dataset_config, split=split)
+            # `path` doubles as data_files, for the generic builders ("json", "text", "parquet").
+            rows = datasets.load_dataset(dataset, dataset_config, split=split, data_files=path or None)
         except Exception as err:  # network, missing config, missing split: all user-fixable
             raise UserError(f"cannot load dataset {dataset} ({dataset_config}, {split}): {err}") from err
         if field not in rows.column_names:

@@ -43,7 +43,7 @@ def preflight(recipe: Recipe, export: bool = True) -> Path | None:
         raise UserError(f"unsupported architecture '{config.get('model_type')}' for {recipe.model.name}: "
                         f"supported model types are {', '.join(supported_model_types())}")
     cal = recipe.calibration
-    if cal.source in ("text", "jsonl"):
+    if cal.source in ("text", "jsonl") or (cal.source == "hf" and cal.dataset in ("json", "text", "csv", "parquet")):
         if not cal.path or not Path(cal.path).expanduser().is_file():
             raise UserError(f"calibration file not found: {cal.path}; set calibration.path= or use calibration=self")
     if cal.source == "hf" and not cal.dataset:
@@ -109,6 +109,7 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
     output = preflight(recipe, export)
     bars = _Progress(progress)
     seconds: dict[str, float] = {}
+    peak_by_phase: dict[str, float] = {}  # process peak RSS (MiB) at the end of each phase
     report: dict = {"compress_version": compress.__version__, "model": recipe.model.name}
 
     start = time.perf_counter()
@@ -118,6 +119,7 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
     adapter = get_adapter(model)
     adapter.check_supported()
     seconds["load"] = time.perf_counter() - start
+    peak_by_phase["load"] = peak_rss_mib()
 
     params_before = model_params(model)
     linear_before = decoder_linear_params(adapter)
@@ -133,6 +135,7 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
             speed["dense_forward_tokens_per_s"] = forward_tokens_per_second(model)
             speed["dense_generate_tokens_per_s"] = generation_tokens_per_second(model)
         seconds["dense_eval"] = time.perf_counter() - start
+        peak_by_phase["dense_eval"] = peak_rss_mib()
         if ppl["dense"] is not None:
             log(f"dense ppl {ppl['dense']:.2f}")
 
@@ -142,6 +145,7 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
     with bars.bar("calibration data", cal.num_samples, "seq") as update:
         windows = calibration_windows(cal, model, tokenizer, progress=update)
     seconds["calibration_data"] = time.perf_counter() - prune_start
+    peak_by_phase["calibration_data"] = peak_rss_mib()
 
     stage_reports = []
     for number, stage in enumerate(recipe.stages):
@@ -165,6 +169,7 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
         stage_reports.append({"method": stage.method, "config": stage.model_dump(mode="json"), **details})
         log(f"stage {number} ({stage.method}) done in {seconds[f'stage_{number}_{stage.method}']:.1f}s")
     seconds["prune"] = time.perf_counter() - prune_start
+    peak_by_phase["prune"] = peak_rss_mib()
 
     linear_after = decoder_linear_params(adapter)
     params_after = model_params(model)
@@ -178,6 +183,7 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
                 speed["forward_speedup"] = speed["pruned_forward_tokens_per_s"] / speed["dense_forward_tokens_per_s"]
                 speed["generate_speedup"] = speed["pruned_generate_tokens_per_s"] / speed["dense_generate_tokens_per_s"]
         seconds["pruned_eval"] = time.perf_counter() - start
+        peak_by_phase["pruned_eval"] = peak_rss_mib()
         log(f"pruned ppl {ppl['pruned']:.2f}")
 
     report.update({
@@ -199,8 +205,10 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
 
         def finalize(facts: dict) -> dict[str, str]:
             seconds["export"] = time.perf_counter() - start
+            peak_by_phase["export"] = peak_rss_mib()
             report["export"] = {"output": str(output), **facts}
             report["peak_rss_mib"] = peak_rss_mib()
+            report["peak_rss_mib_by_phase"] = peak_by_phase
             return {"report.json": json.dumps(report, indent=2) + "\n", "recipe.yaml": dump_recipe(recipe),
                     "README.md": model_card(recipe, report)}
 

@@ -36,7 +36,7 @@ class ModelConfig(Strict):
 
 class CalibrationConfig(Strict):
     source: Literal["text", "jsonl", "hf", "self"] = "text"
-    path: str | None = DEFAULT_CALIBRATION_TEXT
+    path: str | None = Field(DEFAULT_CALIBRATION_TEXT, description="text/jsonl file; data_files for source=hf")
     field: str = "text"
     dataset: str | None = None
     dataset_config: str | None = None
