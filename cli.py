@@ -30,10 +30,12 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _quiet_libraries() -> None:
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()
 
 
 def _guard(debug: bool, action):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from compress.arch.base import Adapter, AttentionShape
+from compress.memory import release_file_pages
 
 
 class MeanCompensation:
@@ -123,6 +124,8 @@ def slice_attention(adapter: Adapter, layer: nn.Module, kept_groups, compensatio
     setattr(attn, adapter.q_name, keep_rows(q, q_index))
     setattr(attn, adapter.k_name, keep_rows(k, kv_index))
     setattr(attn, adapter.v_name, keep_rows(v, kv_index))
+    for old in (q, k, v, o):
+        release_file_pages(old.weight)
     # Some attention classes cache head counts as attributes; keep them truthful.
     kept = len(kv_index) // shape.head_dim
     for name, value in (("num_heads", kept * shape.group_size), ("num_key_value_heads", kept)):
@@ -139,6 +142,8 @@ def slice_mlp(adapter: Adapter, layer: nn.Module, kept_channels, compensation=No
     setattr(mlp, adapter.down_name, _output_columns(down, index, compensation))
     setattr(mlp, adapter.gate_name, keep_rows(gate, index))
     setattr(mlp, adapter.up_name, keep_rows(up, index))
+    for old in (gate, up, down):
+        release_file_pages(old.weight)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(index)
 
