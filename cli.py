@@ -111,7 +111,8 @@ def _summary(report: dict, total_seconds: float) -> None:
     fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     rows = [
         ("parameters", f"{params['total_before']:,} -> {params['total_after']:,}"),
-        ("decoder-linear sparsity", f"{report['sparsity']['achieved_decoder_linear']:.2%}"),
+        ("decoder-linear sparsity", f"{report['sparsity']['achieved_decoder_linear']:.2%} removed, "
+                                    f"{report['sparsity']['zero_fraction_decoder_linear']:.2%} zeros"),
         (f"ppl ({ppl['windows']})", f"{fmt(ppl.get('dense'))} -> {fmt(ppl.get('pruned'))}"),
         ("pruning time", f"{report['seconds']['prune']:.1f} s"),
         ("total time", f"{total_seconds:.1f} s"),

@@ -31,6 +31,16 @@ from compress.recipe import Recipe, dump_recipe
 from compress.slicing import decoder_linear_params
 
 
+def decoder_zero_fraction(adapter) -> float:
+    """Fraction of exact zeros in the decoder linears (what weight-level masks produce)."""
+    zeros = total = 0
+    for layer in adapter.layers():
+        for linear in adapter.decoder_linears(layer).values():
+            zeros += int((linear.weight == 0).sum())
+            total += linear.weight.numel()
+    return zeros / total
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -192,7 +202,8 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
         "params": {"total_before": params_before, "total_after": params_after,
                    "decoder_linear_before": linear_before, "decoder_linear_after": linear_after},
         "sparsity": {"targets": [s.sparsity for s in recipe.stages],
-                     "achieved_decoder_linear": 1 - linear_after / linear_before},
+                     "achieved_decoder_linear": 1 - linear_after / linear_before,
+                     "zero_fraction_decoder_linear": decoder_zero_fraction(adapter)},
         "ppl": ppl,
         "speed": speed,
         "seconds": seconds,

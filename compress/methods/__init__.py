@@ -18,3 +18,5 @@ def get_method(name: str) -> type[Method]:
 
 from compress.methods import flap as _flap  # noqa: E402,F401
 from compress.methods import wanda_sp as _wanda_sp  # noqa: E402,F401
+from compress.methods import wanda as _wanda  # noqa: E402,F401
+from compress.methods import magnitude as _magnitude  # noqa: E402,F401

@@ -146,3 +146,43 @@ class StructuredMethod(Method):
             for index, layer in enumerate(adapter.layers()):
                 self.apply(adapter, index, layer, keep, scores[index])
         return {}
+
+
+class WeightMethod(Method):
+    """Masks single weights of every decoder linear, one layer after the other.
+
+    Each layer is scored from its inputs (statistics of every linear's input), masked, and run
+    again so the next layer is calibrated on the pruned model's activations (sequential).
+    Subclasses implement `linear_scores`; `mask_group` picks the comparison group.
+    """
+
+    uses_activations: ClassVar[bool] = True
+    mask_group: ClassVar[str] = "row"
+
+    def linear_scores(self, name: str, linear: nn.Linear, stats: ChannelStats | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, ctx: StageContext) -> dict:
+        from compress.masks import apply_mask, make_mask, zero_fraction
+
+        adapter = ctx.adapter
+        cfg = self.config
+        zeros: dict[str, float] = {}
+        layers = enumerate(adapter.layers())
+        capture = None
+        if self.uses_activations:
+            capture = ctx.new_capture(2)
+            layers = capture.layers()
+        for index, layer in layers:
+            linears = adapter.decoder_linears(layer)
+            stats = {}
+            if capture is not None:
+                with input_stats(linears) as stats:
+                    capture.forward(index, layer, advance=False)
+            for name, linear in linears.items():
+                scores = self.linear_scores(name, linear, stats.get(name))
+                apply_mask(linear, make_mask(scores, cfg.sparsity, cfg.pattern, getattr(cfg, "group", self.mask_group)))
+                zeros[f"layers.{index}.{name}"] = zero_fraction(linear.weight)
+            if capture is not None:
+                capture.forward(index, layer, advance=True)
+        return {"pattern": cfg.pattern, "zero_fraction_per_linear": zeros}

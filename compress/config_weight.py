@@ -1,0 +1,25 @@
+"""Config fields shared by weight-level (mask) methods."""
+
+from pydantic import Field, model_validator
+
+from compress.config_base import StageConfig
+from compress.masks import parse_pattern
+
+
+class WeightStageConfig(StageConfig):
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of zeros in every decoder linear")
+    pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (N weights kept in every M inputs)")
+
+    @model_validator(mode="after")
+    def _pattern_matches_sparsity(self):
+        try:
+            nm = parse_pattern(self.pattern)
+        except Exception as err:  # UserError -> pydantic error naming the key
+            raise ValueError(str(err)) from None
+        if nm is not None:
+            n, m = nm
+            implied = 1 - n / m
+            if abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(f"pattern {n}:{m} keeps {n} of every {m} weights, i.e. sparsity {implied:g}; "
+                                 f"set sparsity={implied:g}")
+        return self
