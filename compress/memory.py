@@ -58,3 +58,28 @@ def release_file_pages(tensor: torch.Tensor) -> int:
     if _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) != 0:
         return 0
     return last - first
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def return_freed_memory_promptly(threshold_bytes: int = 1 << 20) -> bool:
+    """Serve every allocation above `threshold_bytes` with its own mapping (glibc only).
+
+    glibc raises its mmap threshold after the first large free, after which the per-batch
+    activations and per-layer statistics of a long calibration loop come from the heap, fragment
+    it, and freed memory stays in the resident set (measured: +170 MB over SmolLM2's 30 layers).
+    A fixed threshold keeps large blocks out of the heap, so a free gives the memory back.
+    """
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return bool(_libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(
+            _libc.mallopt(_M_TRIM_THRESHOLD, 4 * threshold_bytes))
+    except (OSError, AttributeError):  # not glibc
+        return False

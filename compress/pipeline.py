@@ -25,6 +25,7 @@ from compress.errors import UserError
 from compress.evaluate import eval_windows, forward_tokens_per_second, generation_tokens_per_second, perplexity
 from compress.export import check_output_dir, layer_layout, write_checkpoint
 from compress.loading import describe_source, load_model, read_config
+from compress.memory import return_freed_memory_promptly
 from compress.methods import METHODS
 from compress.methods.base import StageContext
 from compress.recipe import Recipe, dump_recipe
@@ -117,6 +118,7 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     output = preflight(recipe, export)
+    return_freed_memory_promptly()
     bars = _Progress(progress)
     seconds: dict[str, float] = {}
     peak_by_phase: dict[str, float] = {}  # process peak RSS (MiB) at the end of each phase
