@@ -13,6 +13,7 @@ statistics, and how scores become keep-decisions. `StructuredMethod.run` does th
 from __future__ import annotations
 
 import tempfile
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -58,7 +59,7 @@ class StoredLeastSquares:
         return solver.columns(linear, kept)
 
 
-class Method:
+class Method(ABC):
     """A pruning method: a validated config (`Config`) and a `run` that prunes the model in place."""
 
     name: ClassVar[str]
@@ -67,8 +68,9 @@ class Method:
     def __init__(self, config: StageConfig):
         self.config = config
 
+    @abstractmethod
     def run(self, ctx: StageContext) -> dict:
-        raise NotImplementedError
+        """Prune `ctx.adapter.model` in place; return details for the report."""
 
 
 class StructuredMethod(Method):
@@ -79,11 +81,13 @@ class StructuredMethod(Method):
     def observed(self, adapter: Adapter, layer: nn.Module) -> dict[str, nn.Linear]:
         return {"attention": adapter.o_proj(layer), "mlp": adapter.down_proj(layer)}
 
+    @abstractmethod
     def score_layer(self, index: int, adapter: Adapter, layer: nn.Module, stats: dict[str, ChannelStats]) -> LayerScores:
-        raise NotImplementedError
+        """Scores of the layer's attention units and MLP channels from its input statistics."""
 
+    @abstractmethod
     def allocate(self, scores: dict[int, LayerScores]) -> dict[tuple[int, str], torch.Tensor]:
-        raise NotImplementedError
+        """Kept unit indices per (layer, kind) for the layers in `scores`."""
 
     def compensation_mode(self) -> str:
         return getattr(self.config, "compensation", "none")
@@ -159,8 +163,9 @@ class WeightMethod(Method):
     uses_activations: ClassVar[bool] = True
     mask_group: ClassVar[str] = "row"
 
+    @abstractmethod
     def linear_scores(self, name: str, linear: nn.Linear, stats: ChannelStats | None) -> torch.Tensor:
-        raise NotImplementedError
+        """Score of every weight of `linear` (higher = keep), from its input statistics."""
 
     def run(self, ctx: StageContext) -> dict:
         from compress.masks import apply_mask, make_mask, zero_fraction
