@@ -22,10 +22,6 @@ from torch import nn
 from compress.errors import NumericalError
 
 
-class _Passthrough(Exception):
-    pass
-
-
 class LayerwiseCapture:
     """Calibration hidden states and per-layer call arguments, advanced one decoder layer at a time."""
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from compress.arch.base import Adapter
 from compress.errors import UserError
+from compress.modeling_pruned import attach_zero_bias
 
 MODELING_FILE = Path(__file__).with_name("modeling_pruned.py")
 
@@ -57,13 +58,7 @@ def layer_layout(adapter: Adapter) -> list[dict]:
 
 def _materialize_biases(parent: nn.Module, names: list[str]) -> None:
     for name in names:
-        old = getattr(parent, name)
-        if old.bias is None:
-            new = nn.Linear(old.in_features, old.out_features, bias=True, device=old.weight.device, dtype=old.weight.dtype)
-            with torch.no_grad():
-                new.weight.copy_(old.weight)
-                new.bias.zero_()
-            setattr(parent, name, new)
+        attach_zero_bias(parent, name)
 
 
 def _stock_config_possible(adapter: Adapter, layout: list[dict]) -> bool:

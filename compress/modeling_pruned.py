@@ -36,7 +36,8 @@ def _relaxed_validate_architecture(self):
         )
 
 
-def _attach_output_bias(parent: nn.Module, name: str) -> None:
+def attach_zero_bias(parent: nn.Module, name: str) -> None:
+    """Give `parent.<name>` a zero bias if it has none (same outputs, stock module layout)."""
     old = getattr(parent, name)
     if old.bias is not None:
         return
@@ -88,7 +89,7 @@ def make_classes(base_module: str, base_model_class: str, base_config_class: str
                 new_layer = type(layers[index])(layer_config, index)
                 for dotted in output_biases.get(str(index), output_biases.get(index, [])):
                     parent_path, _, leaf = dotted.rpartition(".")
-                    _attach_output_bias(new_layer.get_submodule(parent_path), leaf)
+                    attach_zero_bias(new_layer.get_submodule(parent_path), leaf)
                 layers[index] = new_layer
             self.post_init()
 

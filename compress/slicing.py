@@ -162,7 +162,7 @@ def mlp_unit_params(adapter: Adapter, layer: nn.Module) -> int:
     return gate.in_features + up.in_features + adapter.down_proj(layer).out_features
 
 
-def decoder_linear_params(adapter: Adapter, model: nn.Module | None = None) -> int:
+def decoder_linear_params(adapter: Adapter) -> int:
     """Weights of the attention and MLP linears of all decoder layers (the base of 'sparsity')."""
     return sum(
         linear.weight.numel() for layer in adapter.layers() for linear in adapter.decoder_linears(layer).values()
