@@ -74,22 +74,41 @@ class LayerwiseCapture:
         yield from enumerate(self.adapter.layers())
 
     @torch.no_grad()
-    def forward(self, index: int, layer: nn.Module, advance: bool = True) -> None:
+    def forward(self, index: int, layer: nn.Module, advance: bool = True, stop_at: nn.Module | None = None) -> None:
         """Run decoder layer `index` over every calibration batch (hooks see its inputs).
 
         `advance=True`: each batch's output replaces its input as soon as it is computed, so the
         next layer's inputs take no extra memory. `advance=False`: outputs are discarded (a
-        statistics pass before the layer is pruned and run again).
+        statistics pass before the layer is pruned and run again); `stop_at` then ends each batch
+        when that submodule is about to run (after its own input hooks), skipping the rest.
         """
-        for batch_index, (batch, kwargs) in enumerate(zip(self.hidden, self.layer_kwargs[index])):
-            out = layer(batch, **kwargs)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            if advance:
-                check_finite(out, f"the output of decoder layer {index}")
-                self.hidden[batch_index] = out
-            if self.progress is not None:
-                self.progress(batch.shape[0])
+        if advance and stop_at is not None:
+            raise ValueError("stop_at is for statistics passes (advance=False)")
+        handle = stop_at.register_forward_pre_hook(_stop) if stop_at is not None else None
+        try:
+            for batch_index, (batch, kwargs) in enumerate(zip(self.hidden, self.layer_kwargs[index])):
+                try:
+                    out = layer(batch, **kwargs)
+                except _Stop:
+                    out = None
+                if isinstance(out, (tuple, list)):
+                    out = out[0]
+                if advance:
+                    check_finite(out, f"the output of decoder layer {index}")
+                    self.hidden[batch_index] = out
+                if self.progress is not None:
+                    self.progress(batch.shape[0])
+        finally:
+            if handle is not None:
+                handle.remove()
+
+
+class _Stop(Exception):
+    """Raised by a pre-hook to end a statistics pass early."""
+
+
+def _stop(_module, _args):
+    raise _Stop
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:

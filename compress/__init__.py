@@ -27,10 +27,23 @@ def run(recipe, overrides=None, progress: bool = True, log=print):
     return _run(recipe, progress=progress, log=log)
 
 
-def load(path, dtype=None):
-    """Load a checkpoint written by compress (uniform or per-layer widths) without remote code."""
+def load(path, dtype=None, semi_structured: bool = False):
+    """Load a checkpoint written by compress (uniform or per-layer widths) without remote code.
+
+    `semi_structured=True` (2:4 checkpoints, NVIDIA GPU with compute capability >= 8.0): move the
+    model to the GPU in float16 (or `dtype`) and store every 2:4 linear as a
+    `torch.sparse` semi-structured tensor so matmuls run on the sparse tensor cores. Elsewhere it
+    stops with a message saying why; see `compress.semi_structured`.
+    """
     import torch
 
     from compress.loading import load_pruned
 
+    if semi_structured:
+        from compress.semi_structured import convert, require_sparse_gpu
+
+        require_sparse_gpu()  # fail before reading the weights
+        model = load_pruned(path, dtype=dtype or torch.float16)
+        convert(model, dtype or torch.float16)
+        return model
     return load_pruned(path, dtype=dtype or torch.float32)

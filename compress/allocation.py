@@ -110,3 +110,23 @@ def same_width_allocation(units: list[UnitScores], kept: dict[tuple[int, str], t
         for u in mlp:
             result[(u.layer, u.kind)] = _keep_top(u.scores, channels)
     return result
+
+
+def round_widths(units: list[UnitScores], kept: dict[tuple[int, str], torch.Tensor], multiple: int,
+                 kinds: tuple[str, ...] = ("mlp",)) -> dict[tuple[int, str], torch.Tensor]:
+    """Round each pruned width of `kinds` to the nearest multiple of `multiple` (at least one multiple).
+
+    Unpruned modules keep their width. Within a layer the best-scored units are kept, so rounding
+    up restores the best of the removed units and rounding down drops the worst of the kept ones.
+    """
+    if multiple <= 1:
+        return kept
+    result = dict(kept)
+    for u in units:
+        key = (u.layer, u.kind)
+        total = len(u.scores)
+        if u.kind not in kinds or key not in kept or len(kept[key]) == total:
+            continue
+        width = max(multiple, int(round(len(kept[key]) / multiple)) * multiple)
+        result[key] = _keep_top(u.scores, min(width, total))
+    return result

@@ -147,9 +147,28 @@ def max_logit_difference(expected: torch.Tensor, reloaded) -> float:
     return float((expected - reference_logits(reloaded)).abs().max())
 
 
+def check_nm_patterns(model, patterns: tuple[tuple[int, int], ...]) -> None:
+    """Raise if any decoder linear of `model` breaks one of the N:M patterns."""
+    from compress.arch import get_adapter
+    from compress.masks import follows_nm
+
+    if not patterns:
+        return
+    adapter = get_adapter(model)
+    for index, layer in enumerate(adapter.layers()):
+        for name, linear in adapter.decoder_linears(layer).items():
+            for n, m in patterns:
+                if not follows_nm(linear.weight, n, m):
+                    raise RuntimeError(f"saved layers.{index}.{name} does not follow the {n}:{m} pattern; "
+                                       f"nothing was written")
+
+
 def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwrite: bool, max_shard_size: str,
-                     finalize=None, verify: bool = True, tolerance: float = 1e-4, release_model: bool = False) -> dict:
+                     finalize=None, verify: bool = True, tolerance: float = 1e-4, release_model: bool = False,
+                     nm_patterns: tuple[tuple[int, int], ...] = ()) -> dict:
     """Write, reload, compare, add `finalize(facts)` files (report, card), then move into place.
+
+    `nm_patterns`: N:M patterns the decoder linears must follow; checked on the reloaded weights.
 
     With `release_model`, the in-memory model's weights are freed once written (after its
     reference logits are taken), so the reload does not hold two copies of the model.
@@ -176,12 +195,15 @@ def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwr
         if verify:
             reloaded = load_pruned(staging, dtype=torch.float32)
             difference = max_logit_difference(expected, reloaded)
+            check_nm_patterns(reloaded, nm_patterns)
             del reloaded
             if not difference < tolerance:
                 raise RuntimeError(f"reloaded checkpoint differs from the pruned model: max |logit difference| "
                                    f"{difference:.3g} >= {tolerance:g}; nothing was written")
         facts = {"format": "stock" if stock else "per_layer", "reload_max_abs_logit_diff": difference,
                  "trust_remote_code_needed": not stock}
+        if verify and nm_patterns:
+            facts["nm_pattern_verified"] = [f"{n}:{m}" for n, m in nm_patterns]
         if finalize is not None:
             for name, text in finalize(facts).items():
                 (staging / name).write_text(text)

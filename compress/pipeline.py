@@ -53,10 +53,14 @@ def preflight(recipe: Recipe, export: bool = True) -> Path | None:
     if config is not None and config.get("model_type") not in supported_model_types():
         raise UserError(f"unsupported architecture '{config.get('model_type')}' for {recipe.model.name}: "
                         f"supported model types are {', '.join(supported_model_types())}")
+    check_stage_order(recipe, config)
     cal = recipe.calibration
     if cal.source in ("text", "jsonl") or (cal.source == "hf" and cal.dataset in ("json", "text", "csv", "parquet")):
         if not cal.path or not Path(cal.path).expanduser().is_file():
             raise UserError(f"calibration file not found: {cal.path}; set calibration.path= or use calibration=self")
+        if Path(cal.path).expanduser().stat().st_size == 0:
+            raise UserError(f"calibration file {cal.path} is empty: pruning needs calibration text; give a file with "
+                            f"text in it or use calibration=self")
     if cal.source == "hf" and not cal.dataset:
         raise UserError("calibration.source=hf needs calibration.dataset=NAME")
     if recipe.eval.ppl != "none" and not Path(recipe.eval.text).expanduser().is_file():
@@ -64,6 +68,41 @@ def preflight(recipe: Recipe, export: bool = True) -> Path | None:
     if not export:
         return None
     return check_output_dir(recipe.export.output, recipe.export.overwrite)
+
+
+def nm_patterns(recipe: Recipe) -> tuple[tuple[int, int], ...]:
+    """N:M patterns imposed by the recipe's stages (all must still hold in the saved checkpoint)."""
+    from compress.masks import parse_pattern
+
+    found = (parse_pattern(s.pattern) for s in recipe.stages if hasattr(s, "pattern"))
+    return tuple(sorted({nm for nm in found if nm is not None}))
+
+
+def check_stage_order(recipe: Recipe, config: dict | None) -> None:
+    """N:M stages need every input width to be a multiple of M, including widths earlier stages chose."""
+    from compress.masks import parse_pattern
+
+    for number, stage in enumerate(recipe.stages):
+        nm = parse_pattern(stage.pattern) if hasattr(stage, "pattern") else None
+        if nm is None:
+            continue
+        m = nm[1]
+        if config is not None:
+            text = config.get("text_config", config)
+            heads = text.get("num_attention_heads")
+            head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads if heads else 0)
+            widths = {"hidden_size": text.get("hidden_size"), "intermediate_size": text.get("intermediate_size"),
+                      "head_dim": head_dim or None}
+            for name, width in widths.items():
+                if isinstance(width, int) and width % m:
+                    raise UserError(f"stage {number} ({stage.method} {stage.pattern}): the model's {name} {width} is "
+                                    f"not a multiple of M={m}; choose an N:M pattern whose M divides it")
+        for before, earlier in enumerate(recipe.stages[:number]):
+            round_to = getattr(earlier, "round_to", None)
+            if round_to is not None and round_to % m:
+                raise UserError(f"stage {number} ({stage.method} {stage.pattern}) needs MLP widths that are multiples "
+                                f"of {m}, but stage {before} ({earlier.method}) may leave any width; set "
+                                f"stages.{before}.round_to={m if m >= 8 else 8} (any multiple of {m})")
 
 
 class _Progress:
@@ -171,7 +210,11 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
             open_bars.append(bars.make(f"stage {_number} {_stage.method}", total, "seq"))
             return LayerwiseCapture(adapter, windows, cal.batch_size, progress=open_bars[-1].update)
 
-        ctx = StageContext(adapter=adapter, new_capture=new_capture, log=log)
+        def make_bar(description: str, total: int, unit: str, _number=number, _stage=stage):
+            open_bars.append(bars.make(f"stage {_number} {_stage.method}: {description}", total, unit))
+            return open_bars[-1]
+
+        ctx = StageContext(adapter=adapter, new_capture=new_capture, log=log, windows=windows, make_bar=make_bar)
         try:
             details = method.run(ctx) or {}
         finally:
@@ -229,7 +272,7 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
         write_checkpoint(model, tokenizer, adapter, output, overwrite=recipe.export.overwrite,
                          max_shard_size=recipe.export.max_shard_size, finalize=finalize,
                          verify=recipe.export.verify, tolerance=recipe.export.verify_tolerance,
-                         release_model=release_model)
+                         release_model=release_model, nm_patterns=nm_patterns(recipe))
     report["peak_rss_mib"] = peak_rss_mib()
     return report
 

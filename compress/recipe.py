@@ -5,13 +5,14 @@
 `recipe=` is a YAML path or the name of a packaged recipe (`recipes/NAME.yaml`). Every other
 argument is `dotted.path=value` (list indices allowed, values typed by YAML: `0.3`, `true`,
 `[1, 2]`), with short aliases for everyday keys (`model`, `output`, `calibration`, `sparsity`,
-`ppl`, `overwrite`, `seed`). Unknown keys are errors that name the full path and the closest
+`ppl`, `overwrite`, `seed`, and `sparsity`/`pattern` for one-stage recipes). Unknown keys are errors that name the full path and the closest
 valid key.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -104,9 +105,25 @@ ALIASES = {
     "seed": "calibration.seed",
     "dtype": "model.dtype",
 }
+STAGE_ALIASES = ("sparsity", "pattern")  # the one stage's key, when the recipe has a single stage
 
 
 # ---- loading -----------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """Safe YAML without YAML 1.1's base-60 integers, so `pattern: 2:4` stays the string '2:4' (not 124)."""
+
+
+_INT = "tag:yaml.org,2002:int"
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != _INT]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)"
+                                               r"|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass: no Python objects
+
+
 def packaged_recipes() -> list[str]:
     return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
 
@@ -126,7 +143,7 @@ def find_recipe(name_or_path: str) -> Path:
 
 def read_recipe_file(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -140,7 +157,7 @@ def read_recipe_file(path: Path) -> dict:
 
 def parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text) if text != "" else None
+        return load_yaml(text) if text != "" else None
     except yaml.YAMLError:
         return text
 
@@ -149,11 +166,11 @@ def apply_override(data: dict, key: str, value: Any) -> None:
     """Set `key` (dotted path with list indices) in the raw recipe dict."""
     if key in ALIASES and not isinstance(value, dict):
         key = ALIASES[key]
-    elif key == "sparsity":
+    elif key in STAGE_ALIASES:
         stages = data.get("stages") or []
         if len(stages) != 1:
-            raise UserError(f"sparsity= is ambiguous with {len(stages)} stages; use stages.N.sparsity=")
-        key = "stages.0.sparsity"
+            raise UserError(f"{key}= is ambiguous with {len(stages)} stages; use stages.N.{key}=")
+        key = f"stages.0.{key}"
     elif key == "calibration" and not isinstance(value, dict):
         if value in ("text", "jsonl", "hf", "self"):
             key = "calibration.source"
@@ -189,7 +206,7 @@ def apply_override(data: dict, key: str, value: Any) -> None:
 def load_recipe(recipe: str | Path | dict, overrides: list[str] | dict | None = None) -> Recipe:
     """Read (file, packaged name or dict), apply overrides, validate."""
     if isinstance(recipe, dict):
-        data = yaml.safe_load(yaml.safe_dump(recipe))
+        data = load_yaml(yaml.safe_dump(recipe))
     else:
         data = read_recipe_file(find_recipe(str(recipe)))
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]

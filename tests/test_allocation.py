@@ -58,3 +58,20 @@ def test_same_width_allocation_gives_one_width_per_kind():
     assert len({len(keep[(layer, "mlp")]) for layer in range(4)}) == 1
     assert len({len(keep[(layer, "attention")]) for layer in range(4)}) == 1
     assert abs((1 - _kept_fraction(units, keep)) - 0.4) < 0.02
+
+
+def test_round_widths_gives_multiples_and_keeps_the_best():
+    from compress.allocation import round_widths
+    units = _units(channels=200)
+    keep = global_allocation(units, 0.3)
+    rounded = round_widths(units, keep, 8)
+    for u in units:
+        width = len(rounded[(u.layer, u.kind)])
+        if u.kind == "mlp":
+            assert width % 8 == 0 or width == 200
+            assert abs(width - len(keep[(u.layer, u.kind)])) <= 4
+            best = torch.topk(u.scores, width).indices.sort().values
+            assert torch.equal(rounded[(u.layer, u.kind)], best)
+        else:  # attention groups are not rounded
+            assert torch.equal(rounded[(u.layer, u.kind)], keep[(u.layer, u.kind)])
+    assert round_widths(units, keep, 1) is keep

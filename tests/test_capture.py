@@ -40,3 +40,29 @@ def test_window_sampling_follows_protocol():
     starts = [random.randint(0, 1000 - 50 - 1) for _ in range(4)]
     assert windows[:, 0].tolist() == starts
     assert torch.equal(windows[1], ids[starts[1]:starts[1] + 50])
+
+
+def test_statistics_pass_stopped_early_sees_the_same_inputs():
+    from compress.stats import input_stats
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    windows = torch.randint(0, 320, (6, 24), generator=torch.Generator().manual_seed(0))
+    capture = LayerwiseCapture(adapter, windows, batch_size=4)
+    layer = adapter.layers()[0]
+    linears = adapter.decoder_linears(layer)
+    before = [h.clone() for h in capture.hidden]
+    with input_stats(linears) as full:
+        capture.forward(0, layer, advance=False)
+    with input_stats(linears) as stopped:
+        capture.forward(0, layer, advance=False, stop_at=adapter.down_proj(layer))
+    for name in linears:
+        assert torch.equal(full[name].sum_sq, stopped[name].sum_sq) and full[name].count == stopped[name].count
+    assert all(torch.equal(a, b) for a, b in zip(before, capture.hidden))
+    # the stop hook is gone: a full pass runs down_proj again
+    calls = []
+    handle = adapter.down_proj(layer).register_forward_hook(lambda *_: calls.append(1))
+    capture.forward(0, layer, advance=True)
+    handle.remove()
+    assert len(calls) == 2
+    # q, k, v read one input: the adapter groups them
+    assert ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] in adapter.input_groups()

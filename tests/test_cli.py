@@ -59,8 +59,19 @@ def test_run_refuses_a_non_empty_output_then_overwrites(tiny_recipe, tmp_path):
     (["eval.text=/no/such/test.txt"], "evaluation text not found"),
     (["stages.0.method=nope"], "unknown method"),
     (["notakeyvalue"], "not key=value"),
+    (["stages=[{method: wanda}]", "pattern=2:4", "sparsity=0.6"], "set sparsity=0.5"),
+    (["stages=[{method: wanda}]", "pattern=4:4", "sparsity=0"], "0 < N < M"),
+    (["stages=[{method: wanda}]", "pattern=1:3", "sparsity=0.6666666666666667"],
+     "intermediate_size 160 is not a multiple of M=3"),
+    (["stages=[{method: gblm, pattern: '2:4', owl: true}]"], "use pattern=unstructured with owl"),
+    (["stages=[{method: flap, sparsity: 0.2}, {method: wanda, sparsity: 0.5, pattern: '2:4'}]"],
+     "set stages.0.round_to=8"),
+    (["stages=[{method: gblm}]", "calibration=EMPTY"], "is empty"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tiny_recipe, tmp_path, change, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    change = [c.replace("EMPTY", str(empty)) for c in change]
     result = runner.invoke(app, ["run", *_args(tiny_recipe), *change, "--quiet"])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]

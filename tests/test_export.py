@@ -100,3 +100,23 @@ def test_sharded_export_reloads(tmp_path):
     write_checkpoint(model, None, adapter, tmp_path / "out", overwrite=False, max_shard_size="200KB")
     assert len(list((tmp_path / "out").glob("*.safetensors"))) > 1
     torch.testing.assert_close(_logits(compress.load(tmp_path / "out")), expected)
+
+
+def test_export_refuses_a_checkpoint_that_breaks_its_nm_pattern(tmp_path):
+    from compress.masks import apply_mask, nm_mask
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    for layer in adapter.layers():
+        for linear in adapter.decoder_linears(layer).values():
+            apply_mask(linear, nm_mask(linear.weight.abs(), 2, 4))
+    facts = write_checkpoint(model, None, adapter, tmp_path / "ok", overwrite=False, max_shard_size="2GB",
+                             nm_patterns=((2, 4),))
+    assert facts["nm_pattern_verified"] == ["2:4"]
+    with torch.no_grad():
+        adapter.o_proj(adapter.layers()[1]).weight.fill_(0.5)  # densified, as a careless LoRA merge would
+    with pytest.raises(RuntimeError, match="layers.1.self_attn.o_proj does not follow the 2:4"):
+        write_checkpoint(model, None, adapter, tmp_path / "bad", overwrite=False, max_shard_size="2GB",
+                         nm_patterns=((2, 4),))
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))

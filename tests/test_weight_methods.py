@@ -14,13 +14,19 @@ from tests.conftest import tiny_llama
 WINDOWS = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.fixture(autouse=True)
+def _gradient_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+
+
 def prune(model, method, **config):
     adapter = get_adapter(model)
     cls = METHODS[method]
-    return cls(cls.Config(method=method, **config)).run(StageContext(adapter, lambda passes: LayerwiseCapture(adapter, WINDOWS, 4)))
+    ctx = StageContext(adapter, lambda passes: LayerwiseCapture(adapter, WINDOWS, 4), log=lambda _: None, windows=WINDOWS)
+    return cls(cls.Config(method=method, **config)).run(ctx)
 
 
-@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "gblm"])
 def test_sparsity_zero_is_the_identity(method):
     model, reference = tiny_llama(), tiny_llama()
     prune(model, method, sparsity=0.0)
@@ -28,7 +34,7 @@ def test_sparsity_zero_is_the_identity(method):
         torch.testing.assert_close(model(WINDOWS[:2]).logits, reference(WINDOWS[:2]).logits)
 
 
-@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "gblm"])
 def test_unstructured_half_zeroes_half_of_every_linear(method):
     model = tiny_llama()
     details = prune(model, method, sparsity=0.5)
@@ -38,7 +44,7 @@ def test_unstructured_half_zeroes_half_of_every_linear(method):
     assert len(details["zero_fraction_per_linear"]) == 3 * 7
 
 
-@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "gblm"])
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 def test_nm_patterns_are_exact(method, pattern):
     model = tiny_llama()
@@ -64,8 +70,66 @@ def test_wanda_2_4_checkpoint_reloads_with_the_pattern(tiny_recipe, tmp_path):
     tiny_recipe["stages"] = [{"method": "wanda", "sparsity": 0.5, "pattern": "2:4"}]
     report = compress.run(tiny_recipe, progress=False, log=lambda _: None)
     assert report["stages"][0]["pattern"] == "2:4"
+    assert report["export"]["nm_pattern_verified"] == ["2:4"]
     model = compress.load(tmp_path / "out")
     adapter = get_adapter(model)
     for layer in adapter.layers():
+        for linear in adapter.decoder_linears(layer).values():
+            assert follows_nm(linear.weight, 2, 4)
+
+
+def test_gblm_without_gradient_term_is_wanda():
+    wanda, gblm = tiny_llama(), tiny_llama()
+    prune(wanda, "wanda", sparsity=0.5)
+    prune(gblm, "gblm", sparsity=0.5, alpha=0.0, scaling="paper")
+    for a, b in zip(wanda.parameters(), gblm.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_gblm_gradient_term_changes_the_mask():
+    wanda, gblm = tiny_llama(), tiny_llama()
+    prune(wanda, "wanda", sparsity=0.5)
+    prune(gblm, "gblm", sparsity=0.5, alpha=100.0)
+    changed = [not torch.equal(a, b) for a, b in zip(wanda.parameters(), gblm.parameters())]
+    assert any(changed)
+
+
+def test_owl_layer_sparsities_average_to_the_target_and_stay_in_range():
+    model = tiny_llama(num_hidden_layers=4)
+    details = prune(model, "wanda", sparsity=0.5, owl=True, owl_lambda=0.1, owl_threshold=2.0)
+    layer_sparsity = details["layer_sparsity"]
+    assert sum(layer_sparsity) / 4 == pytest.approx(0.5)
+    assert max(layer_sparsity) - min(layer_sparsity) == pytest.approx(0.2)
+    adapter = get_adapter(model)
+    for index, layer in enumerate(adapter.layers()):
+        for linear in adapter.decoder_linears(layer).values():
+            assert zero_fraction(linear.weight) == pytest.approx(layer_sparsity[index], abs=0.02)
+
+
+def test_owl_gives_layers_with_more_outliers_fewer_zeros():
+    from compress.methods.base import owl_allocation
+    sparsities = owl_allocation([0.01, 0.05, 0.03], sparsity=0.6, spread=0.08)
+    assert sparsities[1] < sparsities[2] < sparsities[0]
+    assert sparsities == pytest.approx([0.68, 0.52, 0.60])
+    assert owl_allocation([0.02, 0.02], 0.5, 0.08) == [0.5, 0.5]
+
+
+def test_owl_with_nm_pattern_is_rejected():
+    from compress.errors import UserError
+    from compress.recipe import load_recipe
+    with pytest.raises(UserError, match="owl"):
+        load_recipe({"stages": [{"method": "wanda", "pattern": "2:4", "owl": True}]})
+
+
+def test_flap_then_wanda_2_4_composes_and_reloads_exactly(tiny_recipe, tmp_path):
+    tiny_recipe["stages"] = [{"method": "flap", "sparsity": 0.3, "round_to": 8},
+                             {"method": "wanda", "sparsity": 0.5, "pattern": "2:4"}]
+    report = compress.run(tiny_recipe, progress=False, log=lambda _: None)
+    assert 0.25 < report["sparsity"]["achieved_decoder_linear"] < 0.35  # FLAP removed parameters
+    assert report["sparsity"]["zero_fraction_decoder_linear"] >= 0.5  # Wanda zeroed half of the rest
+    model = compress.load(tmp_path / "out")
+    adapter = get_adapter(model)
+    for layer in adapter.layers():
+        assert adapter.intermediate_size(layer) % 8 == 0
         for linear in adapter.decoder_linears(layer).values():
             assert follows_nm(linear.weight, 2, 4)

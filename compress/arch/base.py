@@ -105,6 +105,12 @@ class Adapter:
             f"{m}.{self.down_name}": self.down_proj(layer),
         }
 
+    def input_groups(self) -> list[list[str]]:
+        """Names of `decoder_linears` that read the same input, groups in execution order (one statistic per group)."""
+        a, m = self.attention_name, self.mlp_name
+        return [[f"{a}.{self.q_name}", f"{a}.{self.k_name}", f"{a}.{self.v_name}"], [f"{a}.{self.o_name}"],
+                [f"{m}.{self.gate_name}", f"{m}.{self.up_name}"], [f"{m}.{self.down_name}"]]
+
     def output_projection_paths(self) -> tuple[str, str]:
         return f"{self.attention_name}.{self.o_name}", f"{self.mlp_name}.{self.down_name}"
 

@@ -20,3 +20,4 @@ from compress.methods import flap as _flap  # noqa: E402,F401
 from compress.methods import wanda_sp as _wanda_sp  # noqa: E402,F401
 from compress.methods import wanda as _wanda  # noqa: E402,F401
 from compress.methods import magnitude as _magnitude  # noqa: E402,F401
+from compress.methods import gblm as _gblm  # noqa: E402,F401

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from compress.allocation import UnitScores
+from compress.allocation import UnitScores, round_widths
 from compress.arch.base import Adapter
 from compress.config_base import StageConfig
 from compress.slicing import (LeastSquaresCompensation, MeanCompensation, attention_unit_params, mlp_unit_params,
@@ -45,6 +45,8 @@ class StageContext:
     new_capture: callable  # (passes: int) -> LayerwiseCapture
     log: callable = print
     work_dir: Path | None = None  # per-layer statistics that wait for a global decision
+    windows: torch.Tensor | None = None  # calibration token ids [samples, seq_len]
+    make_bar: callable = None  # (description, total, unit) -> tqdm-like bar with update()/close()
 
 
 class StoredLeastSquares:
@@ -88,6 +90,12 @@ class StructuredMethod(Method):
     @abstractmethod
     def allocate(self, scores: dict[int, LayerScores]) -> dict[tuple[int, str], torch.Tensor]:
         """Kept unit indices per (layer, kind) for the layers in `scores`."""
+
+    def decide(self, scores: dict[int, LayerScores]) -> dict[tuple[int, str], torch.Tensor]:
+        """`allocate`, then MLP widths rounded to `round_to`."""
+        keep = self.allocate(scores)
+        units = [u for layer_scores in scores.values() for u in layer_scores.units]
+        return round_widths(units, keep, getattr(self.config, "round_to", 1))
 
     def compensation_mode(self) -> str:
         return getattr(self.config, "compensation", "none")
@@ -142,11 +150,11 @@ class StructuredMethod(Method):
             scores[index].compensation = self.compensations(index, stats, work_dir)
             del stats
             if self.sequential:
-                self.apply(adapter, index, layer, self.allocate({index: scores[index]}), scores[index])
+                self.apply(adapter, index, layer, self.decide({index: scores[index]}), scores[index])
                 capture.forward(index, layer, advance=True)
         del capture
         if not self.sequential:
-            keep = self.allocate(scores)
+            keep = self.decide(scores)
             for index, layer in enumerate(adapter.layers()):
                 self.apply(adapter, index, layer, keep, scores[index])
         return {}
@@ -157,37 +165,81 @@ class WeightMethod(Method):
 
     Each layer is scored from its inputs (statistics of every linear's input), masked, and run
     again so the next layer is calibrated on the pruned model's activations (sequential).
-    Subclasses implement `linear_scores`; `mask_group` picks the comparison group.
+    Subclasses implement `linear_scores` (and may `prepare` something first, e.g. gradients);
+    `mask_group` picks the comparison group of unstructured masks.
+
+    `owl: true` (unstructured only) first runs the dense model once to measure each layer's
+    outlier ratio (share of weights whose score exceeds `owl_threshold` x the layer's mean score)
+    and gives layers with more outliers a lower sparsity, within +-`owl_lambda` of the target and
+    with the same mean (OWL, Yin et al., ICML 2024, arXiv 2310.05175).
     """
 
     uses_activations: ClassVar[bool] = True
     mask_group: ClassVar[str] = "row"
 
     @abstractmethod
-    def linear_scores(self, name: str, linear: nn.Linear, stats: ChannelStats | None) -> torch.Tensor:
-        """Score of every weight of `linear` (higher = keep), from its input statistics."""
+    def linear_scores(self, index: int, name: str, linear: nn.Linear, stats: ChannelStats | None) -> torch.Tensor:
+        """Score of every weight of `linear` (layer `index`; higher = keep), from its input statistics."""
+
+    def prepare(self, ctx: StageContext) -> None:
+        """Work done once before the layer loop (default: nothing)."""
+
+    def layer_statistics(self, ctx: StageContext, advance: bool):
+        """Yield (index, layer, stats per linear) for every layer; sequential when `advance` is False."""
+        adapter = ctx.adapter
+        if not self.uses_activations:
+            for index, layer in enumerate(adapter.layers()):
+                yield index, layer, {}
+            return
+        capture = ctx.new_capture(1 if advance else 2)
+        for index, layer in capture.layers():
+            linears = adapter.decoder_linears(layer)
+            groups = adapter.input_groups()
+            with input_stats({group[0]: linears[group[0]] for group in groups}) as shared:
+                # a statistics-only pass stops once the last linear's input is seen
+                capture.forward(index, layer, advance=advance, stop_at=None if advance else linears[groups[-1][0]])
+            stats = {name: shared[group[0]] for group in groups for name in group}
+            yield index, layer, stats
+            if not advance:
+                capture.forward(index, layer, advance=True)  # outputs of the pruned layer feed the next
+
+    def owl_sparsities(self, ctx: StageContext) -> list[float]:
+        """Per-layer sparsity from the dense model's outlier ratios (see the class doc)."""
+        cfg = self.config
+        ratios = []
+        for index, layer, stats in self.layer_statistics(ctx, advance=True):
+            scores = [self.linear_scores(index, name, linear, stats.get(name)).reshape(-1)
+                      for name, linear in ctx.adapter.decoder_linears(layer).items()]
+            flat = torch.cat(scores)
+            ratios.append(float((flat > cfg.owl_threshold * flat.mean()).float().mean()))
+        return owl_allocation(ratios, cfg.sparsity, cfg.owl_lambda)
 
     def run(self, ctx: StageContext) -> dict:
         from compress.masks import apply_mask, make_mask, zero_fraction
 
-        adapter = ctx.adapter
         cfg = self.config
+        self.prepare(ctx)
+        sparsities = self.owl_sparsities(ctx) if getattr(cfg, "owl", False) else None
         zeros: dict[str, float] = {}
-        layers = enumerate(adapter.layers())
-        capture = None
-        if self.uses_activations:
-            capture = ctx.new_capture(2)
-            layers = capture.layers()
-        for index, layer in layers:
-            linears = adapter.decoder_linears(layer)
-            stats = {}
-            if capture is not None:
-                with input_stats(linears) as stats:
-                    capture.forward(index, layer, advance=False)
-            for name, linear in linears.items():
-                scores = self.linear_scores(name, linear, stats.get(name))
-                apply_mask(linear, make_mask(scores, cfg.sparsity, cfg.pattern, getattr(cfg, "group", self.mask_group)))
+        group = getattr(cfg, "group", self.mask_group)
+        for index, layer, stats in self.layer_statistics(ctx, advance=False):
+            sparsity = cfg.sparsity if sparsities is None else sparsities[index]
+            for name, linear in ctx.adapter.decoder_linears(layer).items():
+                scores = self.linear_scores(index, name, linear, stats.get(name))
+                apply_mask(linear, make_mask(scores, sparsity, cfg.pattern, group))
                 zeros[f"layers.{index}.{name}"] = zero_fraction(linear.weight)
-            if capture is not None:
-                capture.forward(index, layer, advance=True)
-        return {"pattern": cfg.pattern, "zero_fraction_per_linear": zeros}
+        details = {"pattern": cfg.pattern, "zero_fraction_per_linear": zeros}
+        if sparsities is not None:
+            details["layer_sparsity"] = sparsities
+        return details
+
+
+def owl_allocation(outlier_ratios: list[float], sparsity: float, spread: float) -> list[float]:
+    """Layer sparsities: fewer zeros where outliers are frequent, mean = `sparsity`, range 2 x `spread`."""
+    ratios = torch.tensor(outlier_ratios, dtype=torch.float64)
+    span = ratios.max() - ratios.min()
+    if span <= 0:
+        return [sparsity] * len(outlier_ratios)
+    keep = (ratios - ratios.min()) / span * 2 * spread  # in [0, 2 spread], more outliers -> keep more
+    keep = keep - keep.mean() + (1 - sparsity)
+    return [float(min(max(1 - k, 0.0), 0.99)) for k in keep]

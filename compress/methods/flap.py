@@ -37,22 +37,19 @@ import torch
 from pydantic import Field
 
 from compress.allocation import global_allocation, same_width_allocation, uniform_allocation
-from compress.config_base import StageConfig
+from compress.config_base import StructuredStageConfig
 from compress.methods import register
 from compress.methods.base import LayerScores, StructuredMethod
 
 
-class FlapConfig(StageConfig):
+class FlapConfig(StructuredStageConfig):
     method: Literal["flap"] = "flap"
     metric: Literal["IFV", "WIFV", "WIFN"] = "WIFV"
     structure: Literal["AL-AM", "UL-UM"] = "AL-AM"
     compensation: Literal["least_squares", "bias", "none"] = Field(
         "least_squares", description="how o_proj/down_proj absorb the removed inputs (see compress.slicing)")
-    damping: float = Field(0.01, gt=0, description="ridge damping of the least-squares compensation, x mean variance")
-    covariance_token_stride: int = Field(4, ge=1, description="every n-th calibration token feeds the covariance")
     square_attention_metric: bool = Field(True, description="square the o_proj metric as the reference code does")
     uniform: bool = Field(False, description="one width per kind in every layer (stock config, no custom code)")
-    min_units: int = Field(1, ge=1, description="units of each kind always kept in every layer")
 
 
 def channel_metric(metric: str, weight: torch.Tensor, stats) -> torch.Tensor:

@@ -29,5 +29,5 @@ class Magnitude(WeightMethod):
     Config = MagnitudeConfig
     uses_activations = False
 
-    def linear_scores(self, name, linear, stats):
+    def linear_scores(self, index, name, linear, stats):
         return linear.weight.detach().float().abs()

@@ -29,5 +29,5 @@ class Wanda(WeightMethod):
     name = "wanda"
     Config = WandaConfig
 
-    def linear_scores(self, name, linear, stats):
+    def linear_scores(self, index, name, linear, stats):
         return linear.weight.detach().float().abs() * stats.l2_norm.to(linear.weight.device)[None, :]

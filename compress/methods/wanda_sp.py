@@ -17,18 +17,15 @@ from typing import Literal
 from pydantic import Field
 
 from compress.allocation import uniform_allocation
-from compress.config_base import StageConfig
+from compress.config_base import StructuredStageConfig
 from compress.methods import register
 from compress.methods.base import LayerScores, StructuredMethod
 
 
-class WandaSpConfig(StageConfig):
+class WandaSpConfig(StructuredStageConfig):
     method: Literal["wanda_sp"] = "wanda_sp"
     compensation: Literal["least_squares", "bias", "none"] = Field(
         "none", description="how o_proj/down_proj absorb the removed inputs (see compress.slicing)")
-    damping: float = Field(0.01, gt=0, description="ridge damping of the least-squares compensation, x mean variance")
-    covariance_token_stride: int = Field(4, ge=1, description="every n-th calibration token feeds the covariance")
-    min_units: int = Field(1, ge=1, description="units of each kind always kept in every layer")
 
 
 @register
