@@ -193,10 +193,12 @@ def evaluate(args: list[str] = ARGS, quiet: bool = typer.Option(False, "--quiet"
     """Perplexity of a model: `compress eval model=NAME_OR_PATH [ppl=quick|full|N] [text=FILE]`."""
 
     def action():
+        from pydantic import ValidationError
+
         from compress.errors import UserError
         from compress.loading import load_model
-        from compress.pipeline import _Progress, evaluate_ppl
-        from compress.recipe import EvalConfig, ModelConfig, parse_value, validate_recipe
+        from compress.pipeline import _Progress, check_eval, check_model, evaluate_ppl
+        from compress.recipe import EvalConfig, ModelConfig, parse_value
 
         values = {}
         for arg in args or []:
@@ -208,21 +210,21 @@ def evaluate(args: list[str] = ARGS, quiet: bool = typer.Option(False, "--quiet"
         unknown = sorted(set(values) - allowed)
         if unknown:
             raise UserError(f"unknown eval key '{unknown[0]}'; valid keys: {', '.join(sorted(allowed))}")
-        recipe = validate_recipe({
-            "model": ModelConfig(name=values.get("model"), dtype=values.get("dtype", "float32")).model_dump(),
-            "stages": [{"method": "flap", "sparsity": 0.0}],
-            "eval": EvalConfig(**{k: values[k] for k in ("ppl", "text", "seq_len") if k in values}).model_dump(),
-        })
-        from compress.pipeline import preflight
-
-        preflight(recipe, export=False)
+        try:
+            model_cfg = ModelConfig(name=values.get("model"), dtype=values.get("dtype", "float32"))
+            evaluation = EvalConfig(**{k: values[k] for k in ("ppl", "text", "seq_len") if k in values})
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise UserError(f"eval key '{'.'.join(map(str, first['loc']))}': {first['msg']}") from None
+        _, config = check_model(model_cfg)
+        check_eval(evaluation, config)
         if values.get("threads"):
             import torch
 
             torch.set_num_threads(int(values["threads"]))
-        model, tokenizer = load_model(recipe.model.name, recipe.model.dtype)
-        value = evaluate_ppl(model, tokenizer, recipe, _Progress(not quiet), "eval")
-        typer.echo(f"ppl ({recipe.eval.ppl}, {recipe.eval.seq_len} tokens) {value:.4f}")
+        model, tokenizer = load_model(model_cfg.name, model_cfg.dtype)
+        value = evaluate_ppl(model, tokenizer, evaluation, _Progress(not quiet), "eval")
+        typer.echo(f"ppl ({evaluation.ppl}, {evaluation.seq_len} tokens) {value:.4f}")
 
     _guard(debug, action)
 

@@ -31,7 +31,17 @@ class LayerwiseCapture:
         self.progress = progress
         self.hidden: list[torch.Tensor] = []
         self.layer_kwargs: list[list[dict]] = []
+        self.start = 0
         self._record(windows)
+
+    def resume(self, depth: int, hidden: list[torch.Tensor]) -> None:
+        """Continue from saved hidden states: `hidden` are the inputs of layer `depth`."""
+        if [h.shape for h in hidden] != [h.shape for h in self.hidden]:
+            raise ValueError("saved hidden states do not match the calibration batches")
+        self.hidden = hidden
+        self.start = depth
+        if self.progress is not None:
+            self.progress(depth * sum(h.shape[0] for h in hidden))
 
     @torch.no_grad()
     def _record(self, windows: torch.Tensor) -> None:
@@ -71,7 +81,10 @@ class LayerwiseCapture:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
     def layers(self) -> Iterator[tuple[int, nn.Module]]:
-        yield from enumerate(self.adapter.layers())
+        """(index, layer) from the current depth on."""
+        for index, layer in enumerate(self.adapter.layers()):
+            if index >= self.start:
+                yield index, layer
 
     @torch.no_grad()
     def forward(self, index: int, layer: nn.Module, advance: bool = True, stop_at: nn.Module | None = None) -> None:

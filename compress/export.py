@@ -23,6 +23,7 @@ from torch import nn
 
 from compress.arch.base import Adapter
 from compress.errors import UserError
+from compress.workdir import fault_point
 from compress.modeling_pruned import attach_zero_bias
 
 MODELING_FILE = Path(__file__).with_name("modeling_pruned.py")
@@ -163,6 +164,24 @@ def check_nm_patterns(model, patterns: tuple[tuple[int, int], ...]) -> None:
                                        f"nothing was written")
 
 
+def remove_stale_staging(output: Path) -> None:
+    """Delete staging folders of earlier runs that were killed during export (their process is gone)."""
+    for stale in output.parent.glob(f".{output.name}.partial-*"):
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwrite: bool, max_shard_size: str,
                      finalize=None, verify: bool = True, tolerance: float = 1e-4, release_model: bool = False,
                      nm_patterns: tuple[tuple[int, int], ...] = ()) -> dict:
@@ -178,6 +197,7 @@ def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwr
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    remove_stale_staging(output)
     shutil.rmtree(staging, ignore_errors=True)
     layout = layer_layout(adapter)
     stock = _stock_config_possible(adapter, layout)
@@ -211,6 +231,7 @@ def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwr
             if not overwrite and any(output.iterdir()):
                 raise UserError(f"output folder {output} appeared while running; add --overwrite")
             shutil.rmtree(output)
+        fault_point("export:staged")
         staging.rename(output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

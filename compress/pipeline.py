@@ -10,6 +10,7 @@ import gc
 import importlib.metadata
 import json
 import resource
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 import compress
 from calibration.capture import LayerwiseCapture
-from calibration.data import calibration_windows, tokenize_text
+from calibration.data import calibration_windows, read_source_text, tokenize_text
 from compress.arch import get_adapter, supported_model_types
 from compress.errors import UserError
 from compress.evaluate import eval_windows, forward_tokens_per_second, generation_tokens_per_second, perplexity
@@ -28,8 +29,9 @@ from compress.loading import describe_source, load_model, read_config
 from compress.memory import return_freed_memory_promptly
 from compress.methods import METHODS
 from compress.methods.base import StageContext
-from compress.recipe import Recipe, dump_recipe
-from compress.slicing import decoder_linear_params
+from compress.recipe import EvalConfig, ModelConfig, Recipe, dump_recipe
+from compress.slicing import decoder_linear_params, layer_linear_tensors, set_layer_linears
+from compress.workdir import WorkFolder, recipe_fingerprint
 
 
 def decoder_zero_fraction(adapter) -> float:
@@ -48,26 +50,82 @@ def peak_rss_mib() -> float:
 
 def preflight(recipe: Recipe, export: bool = True) -> Path | None:
     """Every check that needs no weights. Returns the output folder (or None when not exporting)."""
-    kind = describe_source(recipe.model.name)
-    config = read_config(recipe.model.name, kind, recipe.model.trust_remote_code)
-    if config is not None and config.get("model_type") not in supported_model_types():
-        raise UserError(f"unsupported architecture '{config.get('model_type')}' for {recipe.model.name}: "
-                        f"supported model types are {', '.join(supported_model_types())}")
+    kind, config = check_model(recipe.model)
     check_stage_order(recipe, config)
     cal = recipe.calibration
-    if cal.source in ("text", "jsonl") or (cal.source == "hf" and cal.dataset in ("json", "text", "csv", "parquet")):
-        if not cal.path or not Path(cal.path).expanduser().is_file():
-            raise UserError(f"calibration file not found: {cal.path}; set calibration.path= or use calibration=self")
-        if Path(cal.path).expanduser().stat().st_size == 0:
-            raise UserError(f"calibration file {cal.path} is empty: pruning needs calibration text; give a file with "
-                            f"text in it or use calibration=self")
     if cal.source == "hf" and not cal.dataset:
         raise UserError("calibration.source=hf needs calibration.dataset=NAME")
-    if recipe.eval.ppl != "none" and not Path(recipe.eval.text).expanduser().is_file():
-        raise UserError(f"evaluation text not found: {recipe.eval.text}; set eval.text= or ppl=none")
+    if cal.source == "hf" and cal.dataset in ("json", "text", "csv", "parquet") and cal.path \
+            and not Path(cal.path).expanduser().is_file():
+        raise UserError(f"calibration file not found: {cal.path} (data_files of the '{cal.dataset}' dataset builder)")
+    if cal.source in ("text", "jsonl"):
+        if not cal.path or not Path(cal.path).expanduser().is_file():
+            raise UserError(f"calibration file not found: {cal.path}; set calibration.path= or use calibration=self")
+        text = read_source_text(cal.source, cal.path, cal.field)  # unreadable / invalid lines fail here
+        if not text.strip():
+            raise UserError(f"calibration file {cal.path} is empty: pruning needs calibration text; give a file with "
+                            f"text in it or use calibration=self")
+    check_eval(recipe.eval, config)
+    check_context_length("calibration.seq_len", cal.seq_len, config)
     if not export:
         return None
-    return check_output_dir(recipe.export.output, recipe.export.overwrite)
+    output = check_output_dir(recipe.export.output, recipe.export.overwrite)
+    check_disk_space(recipe, kind, output)
+    return output
+
+
+def check_model(model: ModelConfig) -> tuple[str, dict | None]:
+    """The model source exists and its architecture is supported: (source kind, config or None)."""
+    kind = describe_source(model.name)
+    config = read_config(model.name, kind, model.trust_remote_code)
+    if config is not None and config.get("model_type") not in supported_model_types():
+        raise UserError(f"unsupported architecture '{config.get('model_type')}' for {model.name}: "
+                        f"supported model types are {', '.join(supported_model_types())}")
+    return kind, config
+
+
+def check_eval(evaluation: EvalConfig, config: dict | None) -> None:
+    if evaluation.ppl == "none":
+        return
+    if not Path(evaluation.text).expanduser().is_file():
+        raise UserError(f"evaluation text not found: {evaluation.text}; set eval.text= or ppl=none")
+    check_context_length("eval.seq_len", evaluation.seq_len, config)
+
+
+def check_context_length(key: str, length: int, config: dict | None) -> None:
+    limit = (config or {}).get("text_config", config or {}).get("max_position_embeddings")
+    if isinstance(limit, int) and length > limit:
+        raise UserError(f"{key}={length} is longer than the model's context ({limit} positions); "
+                        f"set {key}={min(limit, 2048)} or less")
+
+
+def source_weight_bytes(name: str, kind: str) -> int | None:
+    folder = Path(name).expanduser() if kind == "folder" else None
+    if kind == "builtin":
+        from compress.loading import cache_root
+        folder = cache_root() / "models" / name
+    if folder is None or not folder.is_dir():
+        return None
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) or None
+
+
+def check_disk_space(recipe: Recipe, kind: str, output: Path) -> None:
+    """The export needs about the source's weight size (scaled to the recipe's dtype) free next to `output`."""
+    size = source_weight_bytes(recipe.model.name, kind)
+    if size is None:
+        return
+    bytes_now = 4 if recipe.model.dtype == "float32" else 2
+    config = read_config(recipe.model.name, kind, recipe.model.trust_remote_code) or {}
+    source_dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    bytes_before = 2 if ("16" in source_dtype) else 4
+    needed = size * bytes_now // bytes_before
+    target = output
+    while not target.exists():
+        target = target.parent
+    free = shutil.disk_usage(target).free
+    if free < needed:
+        raise UserError(f"not enough disk space for the export: about {needed / 2**30:.2f} GiB needed, "
+                        f"{free / 2**30:.2f} GiB free in {target}; free some space or choose another output=DIR")
 
 
 def nm_patterns(recipe: Recipe) -> tuple[tuple[int, int], ...]:
@@ -97,6 +155,10 @@ def check_stage_order(recipe: Recipe, config: dict | None) -> None:
                 if isinstance(width, int) and width % m:
                     raise UserError(f"stage {number} ({stage.method} {stage.pattern}): the model's {name} {width} is "
                                     f"not a multiple of M={m}; choose an N:M pattern whose M divides it")
+        for later_number, later in enumerate(recipe.stages[number + 1:], number + 1):
+            if hasattr(later, "round_to"):
+                raise UserError(f"stage {later_number} ({later.method}) removes structures after the {stage.pattern} "
+                                f"stage {number}, which would break its pattern; put structured stages first")
         for before, earlier in enumerate(recipe.stages[:number]):
             round_to = getattr(earlier, "round_to", None)
             if round_to is not None and round_to % m:
@@ -138,12 +200,12 @@ def _versions() -> dict:
     return versions
 
 
-def evaluate_ppl(model, tokenizer, recipe: Recipe, progress: _Progress, label: str, test_ids=None) -> float | None:
-    if recipe.eval.ppl == "none":
+def evaluate_ppl(model, tokenizer, evaluation: EvalConfig, progress: _Progress, label: str, test_ids=None) -> float | None:
+    if evaluation.ppl == "none":
         return None
     if test_ids is None:
-        test_ids = tokenize_text(tokenizer, Path(recipe.eval.text).expanduser().read_text(encoding="utf-8"))
-    windows = eval_windows(test_ids, recipe.eval.seq_len, recipe.eval.ppl)
+        test_ids = tokenize_text(tokenizer, Path(evaluation.text).expanduser().read_text(encoding="utf-8"))
+    windows = eval_windows(test_ids, evaluation.seq_len, evaluation.ppl)
     with progress.bar(f"ppl {label}", len(windows), "win") as update:
         return perplexity(model, windows, update)
 
@@ -179,9 +241,14 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
     test_ids = None
     if recipe.eval.ppl != "none":
         test_ids = tokenize_text(tokenizer, Path(recipe.eval.text).expanduser().read_text(encoding="utf-8"))
+    work = None
+    if export and recipe.resume:
+        work = WorkFolder(output.parent / f".{output.name}.work", recipe_fingerprint(recipe), log)
+        if work.resumed:
+            log(f"resuming from {work.path}")
     if recipe.eval.dense:
         start = time.perf_counter()
-        ppl["dense"] = evaluate_ppl(model, tokenizer, recipe, bars, "dense", test_ids)
+        ppl["dense"] = evaluate_ppl(model, tokenizer, recipe.eval, bars, "dense", test_ids)
         if recipe.eval.speed:
             speed["dense_forward_tokens_per_s"] = forward_tokens_per_second(model)
             speed["dense_generate_tokens_per_s"] = generation_tokens_per_second(model)
@@ -193,8 +260,14 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
     prune_start = time.perf_counter()
     cal = recipe.calibration
     log(f"calibration: {cal.num_samples} x {cal.seq_len} tokens from {cal.source if cal.source == 'self' else cal.path or cal.dataset}")
-    with bars.bar("calibration data", cal.num_samples, "seq") as update:
-        windows = calibration_windows(cal, model, tokenizer, progress=update)
+    saved_windows = work.load("calibration") if work is not None else None
+    if saved_windows is not None:
+        windows = saved_windows[0]["windows"]
+    else:
+        with bars.bar("calibration data", cal.num_samples, "seq") as update:
+            windows = calibration_windows(cal, model, tokenizer, progress=update)
+        if work is not None:
+            work.save("calibration", {"windows": windows})
     seconds["calibration_data"] = time.perf_counter() - prune_start
     peak_by_phase["calibration_data"] = peak_rss_mib()
 
@@ -214,12 +287,26 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
             open_bars.append(bars.make(f"stage {_number} {_stage.method}: {description}", total, unit))
             return open_bars[-1]
 
-        ctx = StageContext(adapter=adapter, new_capture=new_capture, log=log, windows=windows, make_bar=make_bar)
-        try:
-            details = method.run(ctx) or {}
-        finally:
-            for bar in open_bars:
-                bar.close()
+        folder = work.stage(number) if work is not None else None
+        finished = folder.load_result() if folder is not None else None
+        if finished is not None:  # a resumed run: this stage completed before the interruption
+            for index, layer in enumerate(adapter.layers()):
+                set_layer_linears(adapter, layer, finished[0], prefix=f"layers.{index}.")
+            details = finished[1]
+            log(f"stage {number} ({stage.method}) restored from {folder.path}")
+        else:
+            ctx = StageContext(adapter=adapter, new_capture=new_capture, log=log, windows=windows,
+                               make_bar=make_bar, folder=folder)
+            try:
+                details = method.run(ctx) or {}
+            finally:
+                for bar in open_bars:
+                    bar.close()
+            if folder is not None:
+                tensors = {}
+                for index, layer in enumerate(adapter.layers()):
+                    tensors.update(layer_linear_tensors(adapter, layer, prefix=f"layers.{index}."))
+                folder.save_result(tensors, details)
         seconds[f"stage_{number}_{stage.method}"] = time.perf_counter() - stage_start
         stage_reports.append({"method": stage.method, "config": stage.model_dump(mode="json"), **details})
         log(f"stage {number} ({stage.method}) done in {seconds[f'stage_{number}_{stage.method}']:.1f}s")
@@ -230,7 +317,7 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
     params_after = model_params(model)
     if recipe.eval.ppl != "none":
         start = time.perf_counter()
-        ppl["pruned"] = evaluate_ppl(model, tokenizer, recipe, bars, "pruned", test_ids)
+        ppl["pruned"] = evaluate_ppl(model, tokenizer, recipe.eval, bars, "pruned", test_ids)
         if recipe.eval.speed:
             speed["pruned_forward_tokens_per_s"] = forward_tokens_per_second(model)
             speed["pruned_generate_tokens_per_s"] = generation_tokens_per_second(model)
@@ -273,6 +360,8 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
                          max_shard_size=recipe.export.max_shard_size, finalize=finalize,
                          verify=recipe.export.verify, tolerance=recipe.export.verify_tolerance,
                          release_model=release_model, nm_patterns=nm_patterns(recipe))
+        if work is not None:
+            work.remove()
     report["peak_rss_mib"] = peak_rss_mib()
     return report
 

@@ -80,6 +80,7 @@ class Recipe(Strict):
     export: ExportConfig = ExportConfig()
     eval: EvalConfig = EvalConfig()
     threads: int | None = Field(None, ge=1)
+    resume: bool = Field(True, description="keep per-layer progress in .OUTPUT.work/ so a killed run continues")
 
     @field_validator("stages", mode="before")
     @classmethod

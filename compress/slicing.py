@@ -167,3 +167,37 @@ def decoder_linear_params(adapter: Adapter) -> int:
     return sum(
         linear.weight.numel() for layer in adapter.layers() for linear in adapter.decoder_linears(layer).values()
     )
+
+
+def layer_linear_tensors(adapter: Adapter, layer: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Weights and biases of a layer's decoder linears, keyed `PREFIXname.weight` / `PREFIXname.bias`."""
+    tensors = {}
+    for name, linear in adapter.decoder_linears(layer).items():
+        tensors[f"{prefix}{name}.weight"] = linear.weight.detach()
+        if linear.bias is not None:
+            tensors[f"{prefix}{name}.bias"] = linear.bias.detach()
+    return tensors
+
+
+def set_layer_linears(adapter: Adapter, layer: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Put saved decoder linears (any widths, from `layer_linear_tensors`) into `layer`, in place."""
+    for name, linear in adapter.decoder_linears(layer).items():
+        weight = tensors[f"{prefix}{name}.weight"].to(linear.weight.device, linear.weight.dtype)
+        bias = tensors.get(f"{prefix}{name}.bias")
+        if weight.shape == linear.weight.shape and (bias is None) == (linear.bias is None):
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if bias is not None:
+                    linear.bias.copy_(bias)
+            continue
+        parent_name, _, attribute = name.rpartition(".")
+        bias = bias.to(weight.device, weight.dtype) if bias is not None else None
+        setattr(layer.get_submodule(parent_name), attribute, _new_linear(weight, bias))
+        release_file_pages(linear.weight)
+    shape = adapter.attention_shape(layer)
+    attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+    for name, value in (("num_heads", shape.num_heads), ("num_key_value_heads", shape.num_kv_heads)):
+        if hasattr(attn, name):
+            setattr(attn, name, value)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = adapter.intermediate_size(layer)

@@ -28,6 +28,16 @@ ROWS = {
     "flap_50": "recipe=flap_50 eval.speed=true",
     "flap_50_bias": "recipe=flap_50 stages.0.compensation=bias",
     "wanda_sp_20": "recipe=wanda_sp_20 eval.speed=true",
+    # weight-level sparsity (zeros in place)
+    "wanda_50": "recipe=wanda_50",
+    "wanda_2_4": "recipe=wanda_50 pattern=2:4",
+    "wanda_4_8": "recipe=wanda_50 pattern=4:8",
+    "wanda_50_owl": "recipe=wanda_50 stages.0.owl=true",
+    "magnitude_50": "recipe=wanda_50 stages.0.method=magnitude",
+    "magnitude_2_4": "recipe=wanda_50 stages.0.method=magnitude pattern=2:4",
+    "gblm_50": "recipe=gblm_50",
+    "gblm_2_4": "recipe=gblm_50 pattern=2:4",
+    "flap_20_wanda_2_4": "recipe=flap_20_wanda_2_4",
 }
 
 
@@ -40,6 +50,10 @@ def run_row(name: str) -> str:
     rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
     report = json.loads((output / "report.json").read_text())
     ppl, speed = report["ppl"], report["speed"]
+    if any("pattern" in stage for stage in report["stages"]):
+        return (f"| {name} | {report['sparsity']['achieved_decoder_linear']:.2%} | "
+                f"{report['sparsity']['zero_fraction_decoder_linear']:.2%} | {ppl['dense']:.2f} | "
+                f"{ppl['pruned']:.2f} | {report['seconds']['prune']:.0f} | {rss_kib / 1024:,.0f} | `{command}` |")
     ratio = (f"{speed['forward_speedup']:.2f} / {speed['generate_speedup']:.2f}" if "forward_speedup" in speed else "–")
     return (f"| {name} | {report['sparsity']['achieved_decoder_linear']:.2%} | {report['params']['total_after']:,} | "
             f"{ppl['dense']:.2f} | {ppl['pruned']:.2f} | {report['seconds']['prune']:.0f} | {rss_kib / 1024:,.0f} | "
@@ -48,7 +62,9 @@ def run_row(name: str) -> str:
 
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
-    print("| row | sparsity | params | dense ppl | pruned ppl | prune s | peak RSS MiB | speed fwd / gen | command |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("structured rows: | row | sparsity | params | dense ppl | pruned ppl | prune s | peak RSS MiB | "
+          "speed fwd / gen | command |")
+    print("weight-level rows: | row | params removed | zeros in decoder linears | dense ppl | pruned ppl | prune s | "
+          "peak RSS MiB | command |")
     for row in sys.argv[1:] or ROWS:
         print(run_row(row), flush=True)

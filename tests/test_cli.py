@@ -51,54 +51,6 @@ def test_run_refuses_a_non_empty_output_then_overwrites(tiny_recipe, tmp_path):
     assert result.exit_code == 0 and (out / "config.json").exists() and not (out / "precious.txt").exists()
 
 
-@pytest.mark.parametrize("change,message", [
-    (["stages.0.sparsty=0.3"], "did you mean 'stages.0.sparsity'"),
-    (["sparsity=1.2"], "less than 1"),
-    (["model=/no/such/folder"], "model not found"),
-    (["calibration=/no/such/file.txt"], "calibration file not found"),
-    (["eval.text=/no/such/test.txt"], "evaluation text not found"),
-    (["stages.0.method=nope"], "unknown method"),
-    (["notakeyvalue"], "not key=value"),
-    (["stages=[{method: wanda}]", "pattern=2:4", "sparsity=0.6"], "set sparsity=0.5"),
-    (["stages=[{method: wanda}]", "pattern=4:4", "sparsity=0"], "0 < N < M"),
-    (["stages=[{method: wanda}]", "pattern=1:3", "sparsity=0.6666666666666667"],
-     "intermediate_size 160 is not a multiple of M=3"),
-    (["stages=[{method: gblm, pattern: '2:4', owl: true}]"], "use pattern=unstructured with owl"),
-    (["stages=[{method: flap, sparsity: 0.2}, {method: wanda, sparsity: 0.5, pattern: '2:4'}]"],
-     "set stages.0.round_to=8"),
-    (["stages=[{method: gblm}]", "calibration=EMPTY"], "is empty"),
-])
-def test_bad_input_is_one_line_exit_2_nothing_written(tiny_recipe, tmp_path, change, message):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    change = [c.replace("EMPTY", str(empty)) for c in change]
-    result = runner.invoke(app, ["run", *_args(tiny_recipe), *change, "--quiet"])
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
-    assert "Traceback" not in result.output
-    assert not (tmp_path / "out").exists()
-
-
-def test_unsupported_architecture_fails_before_loading(tmp_path):
-    folder = tmp_path / "gpt2"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    (folder / "model.safetensors").write_bytes(b"")
-    result = runner.invoke(app, ["validate", "recipe=flap_20", f"model={folder}"])
-    assert result.exit_code == 2 and "unsupported architecture 'gpt2'" in result.output
-    assert "llama" in result.output
-
-
-def test_pickled_weights_are_refused(tmp_path):
-    folder = tmp_path / "pickled"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
-    result = runner.invoke(app, ["validate", "recipe=flap_20", f"model={folder}"])
-    assert result.exit_code == 2 and "pickled weights are never loaded" in result.output
-
-
 def test_debug_shows_the_traceback(tiny_recipe):
     result = runner.invoke(app, ["run", *_args(tiny_recipe), "sparsity=1.2", "--debug"])
     assert result.exit_code != 0 and result.exception is not None
@@ -112,7 +64,8 @@ def test_print_validate_ls_cp_eval(tiny_recipe, tmp_path):
     result = runner.invoke(app, ["cp", "flap_20", str(tmp_path / "mine.yaml")])
     assert result.exit_code == 0 and (tmp_path / "mine.yaml").read_text().startswith("# FLAP 20%")
     result = runner.invoke(app, ["validate", f"recipe={tmp_path / 'mine.yaml'}", f"model={tiny_recipe['model']['name']}",
-                                 f"calibration={tiny_recipe['calibration']['path']}", f"eval.text={tiny_recipe['eval']['text']}"])
+                                 f"calibration={tiny_recipe['calibration']['path']}", f"eval.text={tiny_recipe['eval']['text']}",
+                                 "calibration.seq_len=32", "eval.seq_len=32"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["eval", f"model={tiny_recipe['model']['name']}", f"text={tiny_recipe['eval']['text']}",
                                  "ppl=2", "seq_len=32", "--quiet"])

@@ -19,15 +19,16 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from compress.allocation import UnitScores, round_widths
 from compress.arch.base import Adapter
 from compress.config_base import StageConfig
-from compress.slicing import (LeastSquaresCompensation, MeanCompensation, attention_unit_params, mlp_unit_params,
-                              slice_attention, slice_mlp)
+from compress.slicing import (LeastSquaresCompensation, MeanCompensation, attention_unit_params,
+                              layer_linear_tensors, mlp_unit_params, set_layer_linears, slice_attention, slice_mlp)
 from compress.stats import ChannelStats, input_stats
+from compress.workdir import StageFolder, save_atomic
 
 
 @dataclass
@@ -44,7 +45,7 @@ class StageContext:
     adapter: Adapter
     new_capture: callable  # (passes: int) -> LayerwiseCapture
     log: callable = print
-    work_dir: Path | None = None  # per-layer statistics that wait for a global decision
+    folder: StageFolder | None = None  # resumable progress of this stage (see compress.workdir)
     windows: torch.Tensor | None = None  # calibration token ids [samples, seq_len]
     make_bar: callable = None  # (description, total, unit) -> tqdm-like bar with update()/close()
 
@@ -109,12 +110,12 @@ class StructuredMethod(Method):
         damping = self.config.damping
         if self.sequential or work_dir is None:
             return {kind: LeastSquaresCompensation(s.mean, s.covariance(), damping) for kind, s in stats.items()}
-        path = Path(work_dir) / f"layer-{index:04d}.safetensors"
+        path = Path(work_dir) / f"compensation-{index:04d}.safetensors"
         tensors = {}
         for kind, s in stats.items():
             tensors[f"{kind}.mean"] = (s.sum / s.count).contiguous()
             tensors[f"{kind}.covariance"] = s.covariance().float().contiguous()
-        save_file(tensors, path)
+        save_atomic(path, tensors)
         return {kind: StoredLeastSquares(path, kind, damping) for kind in stats}
 
     @staticmethod
@@ -133,16 +134,27 @@ class StructuredMethod(Method):
             slice_mlp(adapter, layer, channels, scores.compensation.get("mlp"))
 
     def run(self, ctx: StageContext) -> dict:
-        if ctx.work_dir is None and self.compensation_mode() == "least_squares" and not self.sequential:
+        if ctx.folder is None and self.compensation_mode() == "least_squares" and not self.sequential:
             with tempfile.TemporaryDirectory(prefix="compress-work-") as work_dir:
                 return self._run(ctx, Path(work_dir))
-        return self._run(ctx, ctx.work_dir)
+        return self._run(ctx, ctx.folder.path if ctx.folder is not None else None)
 
     def _run(self, ctx: StageContext, work_dir: Path | None) -> dict:
-        adapter = ctx.adapter
+        adapter, folder = ctx.adapter, ctx.folder
         capture = ctx.new_capture(2 if self.sequential else 1)
         stride = self.config.covariance_token_stride if self.compensation_mode() == "least_squares" else None
         scores: dict[int, LayerScores] = {}
+        saved = folder.load_hidden() if folder is not None else None
+        if saved is not None:  # resume: layers before `depth` are decided (and, if sequential, sliced)
+            depth, hidden, _ = saved
+            for index in range(depth):
+                tensors, meta = folder.load_layer(index)
+                if self.sequential:
+                    set_layer_linears(adapter, adapter.layers()[index], tensors)
+                else:
+                    scores[index] = self._scores_from(index, tensors, meta, work_dir)
+            capture.resume(depth, hidden)
+            ctx.log(f"resuming at layer {depth} from {folder.path}")
         for index, layer in capture.layers():
             with input_stats(self.observed(adapter, layer), stride) as stats:
                 capture.forward(index, layer, advance=not self.sequential)
@@ -152,12 +164,38 @@ class StructuredMethod(Method):
             if self.sequential:
                 self.apply(adapter, index, layer, self.decide({index: scores[index]}), scores[index])
                 capture.forward(index, layer, advance=True)
+            if folder is not None:
+                if self.sequential:
+                    folder.save_layer(index, layer_linear_tensors(adapter, layer))
+                else:
+                    folder.save_layer(index, *self._scores_to(scores[index]))
+                folder.checkpoint_hidden(index + 1, capture.hidden)
         del capture
         if not self.sequential:
             keep = self.decide(scores)
             for index, layer in enumerate(adapter.layers()):
                 self.apply(adapter, index, layer, keep, scores[index])
         return {}
+
+    def _scores_to(self, layer_scores: LayerScores) -> tuple[dict, dict]:
+        """A layer's scores (and mean compensation) as tensors + metadata for the work folder."""
+        tensors = {f"{u.kind}.scores": u.scores for u in layer_scores.units}
+        meta = {"unit_params": {u.kind: u.unit_params for u in layer_scores.units}}
+        for kind, comp in layer_scores.compensation.items():
+            if isinstance(comp, MeanCompensation):
+                tensors[f"{kind}.mean"] = comp.mean
+        return tensors, meta
+
+    def _scores_from(self, index: int, tensors: dict, meta: dict, work_dir: Path | None) -> LayerScores:
+        units = [UnitScores(index, kind, tensors[f"{kind}.scores"], params) for kind, params in meta["unit_params"].items()]
+        mode = self.compensation_mode()
+        compensation = {}
+        if mode == "bias":
+            compensation = {u.kind: MeanCompensation(tensors[f"{u.kind}.mean"]) for u in units}
+        elif mode == "least_squares":
+            path = Path(work_dir) / f"compensation-{index:04d}.safetensors"
+            compensation = {u.kind: StoredLeastSquares(path, u.kind, self.config.damping) for u in units}
+        return LayerScores(units=units, compensation=compensation)
 
 
 class WeightMethod(Method):
@@ -184,14 +222,21 @@ class WeightMethod(Method):
     def prepare(self, ctx: StageContext) -> None:
         """Work done once before the layer loop (default: nothing)."""
 
-    def layer_statistics(self, ctx: StageContext, advance: bool):
-        """Yield (index, layer, stats per linear) for every layer; sequential when `advance` is False."""
+    def layer_statistics(self, ctx: StageContext, advance: bool, resume=None, after_layer=None):
+        """Yield (index, layer, stats per linear) for every layer; sequential when `advance` is False.
+
+        `resume` = (depth, hidden states) continues from saved progress; `after_layer(index, capture)`
+        runs once a layer's outputs have replaced its inputs.
+        """
         adapter = ctx.adapter
         if not self.uses_activations:
             for index, layer in enumerate(adapter.layers()):
-                yield index, layer, {}
+                if resume is None or index >= resume[0]:
+                    yield index, layer, {}
             return
         capture = ctx.new_capture(1 if advance else 2)
+        if resume is not None:
+            capture.resume(*resume)
         for index, layer in capture.layers():
             linears = adapter.decoder_linears(layer)
             groups = adapter.input_groups()
@@ -202,6 +247,8 @@ class WeightMethod(Method):
             yield index, layer, stats
             if not advance:
                 capture.forward(index, layer, advance=True)  # outputs of the pruned layer feed the next
+            if after_layer is not None:
+                after_layer(index, capture)
 
     def owl_sparsities(self, ctx: StageContext) -> list[float]:
         """Per-layer sparsity from the dense model's outlier ratios (see the class doc)."""
@@ -217,14 +264,36 @@ class WeightMethod(Method):
     def run(self, ctx: StageContext) -> dict:
         from compress.masks import apply_mask, make_mask, zero_fraction
 
-        cfg = self.config
+        cfg, adapter, folder = self.config, ctx.adapter, ctx.folder
         self.prepare(ctx)
-        sparsities = self.owl_sparsities(ctx) if getattr(cfg, "owl", False) else None
+        sparsities = None
+        if getattr(cfg, "owl", False):
+            saved = folder.load("owl") if folder is not None else None
+            sparsities = saved[1]["layer_sparsity"] if saved else self.owl_sparsities(ctx)
+            if folder is not None and not saved:
+                folder.save("owl", {}, {"layer_sparsity": sparsities})
         zeros: dict[str, float] = {}
+        resume = folder.load_hidden() if folder is not None else None
+        if resume is not None:
+            depth, hidden, _ = resume
+            for index in range(depth):
+                tensors, meta = folder.load_layer(index)
+                set_layer_linears(adapter, adapter.layers()[index], tensors)
+                zeros.update(meta["zeros"])
+            resume = (depth, hidden)
+            ctx.log(f"resuming at layer {depth} from {folder.path}")
+
+        def save_progress(index, capture):
+            if folder is not None:
+                layer = adapter.layers()[index]
+                names = [f"layers.{index}.{name}" for name in adapter.decoder_linears(layer)]
+                folder.save_layer(index, layer_linear_tensors(adapter, layer), {"zeros": {n: zeros[n] for n in names}})
+                folder.checkpoint_hidden(index + 1, capture.hidden)
+
         group = getattr(cfg, "group", self.mask_group)
-        for index, layer, stats in self.layer_statistics(ctx, advance=False):
+        for index, layer, stats in self.layer_statistics(ctx, advance=False, resume=resume, after_layer=save_progress):
             sparsity = cfg.sparsity if sparsities is None else sparsities[index]
-            for name, linear in ctx.adapter.decoder_linears(layer).items():
+            for name, linear in adapter.decoder_linears(layer).items():
                 scores = self.linear_scores(index, name, linear, stats.get(name))
                 apply_mask(linear, make_mask(scores, sparsity, cfg.pattern, group))
                 zeros[f"layers.{index}.{name}"] = zero_fraction(linear.weight)
