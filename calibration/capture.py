@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from compress.errors import NumericalError
+from compress.errors import NonFiniteInput, NumericalError
 
 
 class LayerwiseCapture:
@@ -102,18 +102,50 @@ class LayerwiseCapture:
             for batch_index, (batch, kwargs) in enumerate(zip(self.hidden, self.layer_kwargs[index])):
                 try:
                     out = layer(batch, **kwargs)
+                    if isinstance(out, (tuple, list)):
+                        out = out[0]
+                    if not torch.isfinite(out).all():
+                        raise NonFiniteInput(f"the output of decoder layer {index}")
                 except _Stop:
                     out = None
-                if isinstance(out, (tuple, list)):
-                    out = out[0]
+                except NonFiniteInput as err:
+                    culprit = locate_nonfinite(layer, batch, kwargs)
+                    raise NumericalError(f"NaN or Inf in the output of {culprit or 'an unknown module'} of decoder "
+                                         f"layer {index} (seen in {str(err).removeprefix('NaN or Inf in ')}); "
+                                         f"run in float32 (dtype=float32) or check the model weights") from None
                 if advance:
-                    check_finite(out, f"the output of decoder layer {index}")
                     self.hidden[batch_index] = out
                 if self.progress is not None:
                     self.progress(batch.shape[0])
         finally:
             if handle is not None:
                 handle.remove()
+
+
+@torch.no_grad()
+def locate_nonfinite(layer: nn.Module, batch: torch.Tensor, kwargs: dict) -> str | None:
+    """Name of the first submodule of `layer` whose output has NaN/Inf on this batch (re-run with hooks)."""
+    found: list[str] = []
+
+    def hook(name):
+        def check(_module, _args, output):
+            tensor = output[0] if isinstance(output, (tuple, list)) else output
+            if not found and isinstance(tensor, torch.Tensor) and tensor.is_floating_point() \
+                    and not torch.isfinite(tensor).all():
+                found.append(name)
+        return check
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in layer.named_modules() if name]
+    try:
+        layer(batch, **kwargs)
+    except (_Stop, NonFiniteInput):  # statistics hooks may still be attached
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if found:
+        return found[0]
+    return "the layer's input" if not torch.isfinite(batch).all() else None
 
 
 class _Stop(Exception):
@@ -123,7 +155,3 @@ class _Stop(Exception):
 def _stop(_module, _args):
     raise _Stop
 
-
-def check_finite(tensor: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(tensor).all():
-        raise NumericalError(f"NaN or Inf in {what}; run in float32 (dtype=float32) or check the model weights")

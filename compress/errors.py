@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class NumericalError(RuntimeError):
     """NaN or Inf met in activations or statistics; the message names the layer and module."""
+
+
+class NonFiniteInput(NumericalError):
+    """A statistics hook saw NaN/Inf in a module's input (the layer loop names the module that made it)."""

@@ -42,8 +42,8 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row")
         return keep.reshape(scores.shape)
     count = int(scores.shape[1] * sparsity)
     keep = torch.ones_like(scores, dtype=torch.bool)
-    if count:
-        keep.scatter_(1, torch.topk(scores, count, dim=1, largest=False).indices, False)
+    if count:  # a stable sort: on ties the earlier input goes first, as in the reference codes
+        keep.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :count], False)
     return keep
 
 
@@ -53,8 +53,10 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if cols % m:
         raise UserError(f"N:M pattern needs M ({m}) to divide the input width {cols}")
     blocks = scores.reshape(rows, cols // m, m)
-    keep = torch.zeros_like(blocks, dtype=torch.bool)
-    keep.scatter_(2, torch.topk(blocks, n, dim=2).indices, True)
+    # Zero the M - N lowest (rather than keep the N highest): the two differ only on ties, which
+    # quantized checkpoints have in plenty, and this is the reference codes' choice.
+    keep = torch.ones_like(blocks, dtype=torch.bool)
+    keep.scatter_(2, torch.topk(blocks, m - n, dim=2, largest=False).indices, False)
     return keep.reshape(rows, cols)
 
 

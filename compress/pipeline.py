@@ -30,7 +30,7 @@ from compress.memory import return_freed_memory_promptly
 from compress.methods import METHODS
 from compress.methods.base import StageContext
 from compress.recipe import EvalConfig, ModelConfig, Recipe, dump_recipe
-from compress.slicing import decoder_linear_params, layer_linear_tensors, set_layer_linears
+from compress.slicing import decoder_linear_params
 from compress.workdir import WorkFolder, recipe_fingerprint
 
 
@@ -288,11 +288,8 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
             return open_bars[-1]
 
         folder = work.stage(number) if work is not None else None
-        finished = folder.load_result() if folder is not None else None
-        if finished is not None:  # a resumed run: this stage completed before the interruption
-            for index, layer in enumerate(adapter.layers()):
-                set_layer_linears(adapter, layer, finished[0], prefix=f"layers.{index}.")
-            details = finished[1]
+        details = folder.restore_result(adapter) if folder is not None else None
+        if details is not None:  # a resumed run: this stage completed before the interruption
             log(f"stage {number} ({stage.method}) restored from {folder.path}")
         else:
             ctx = StageContext(adapter=adapter, new_capture=new_capture, log=log, windows=windows,
@@ -303,10 +300,7 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
                 for bar in open_bars:
                     bar.close()
             if folder is not None:
-                tensors = {}
-                for index, layer in enumerate(adapter.layers()):
-                    tensors.update(layer_linear_tensors(adapter, layer, prefix=f"layers.{index}."))
-                folder.save_result(tensors, details)
+                folder.save_result(adapter, details)
         seconds[f"stage_{number}_{stage.method}"] = time.perf_counter() - stage_start
         stage_reports.append({"method": stage.method, "config": stage.model_dump(mode="json"), **details})
         log(f"stage {number} ({stage.method}) done in {seconds[f'stage_{number}_{stage.method}']:.1f}s")

@@ -169,21 +169,21 @@ def decoder_linear_params(adapter: Adapter) -> int:
     )
 
 
-def layer_linear_tensors(adapter: Adapter, layer: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Weights and biases of a layer's decoder linears, keyed `PREFIXname.weight` / `PREFIXname.bias`."""
+def layer_linear_tensors(adapter: Adapter, layer: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights and biases of a layer's decoder linears, keyed `name.weight` / `name.bias`."""
     tensors = {}
     for name, linear in adapter.decoder_linears(layer).items():
-        tensors[f"{prefix}{name}.weight"] = linear.weight.detach()
+        tensors[f"{name}.weight"] = linear.weight.detach()
         if linear.bias is not None:
-            tensors[f"{prefix}{name}.bias"] = linear.bias.detach()
+            tensors[f"{name}.bias"] = linear.bias.detach()
     return tensors
 
 
-def set_layer_linears(adapter: Adapter, layer: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+def set_layer_linears(adapter: Adapter, layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Put saved decoder linears (any widths, from `layer_linear_tensors`) into `layer`, in place."""
     for name, linear in adapter.decoder_linears(layer).items():
-        weight = tensors[f"{prefix}{name}.weight"].to(linear.weight.device, linear.weight.dtype)
-        bias = tensors.get(f"{prefix}{name}.bias")
+        weight = tensors[f"{name}.weight"].to(linear.weight.device, linear.weight.dtype)
+        bias = tensors.get(f"{name}.bias")
         if weight.shape == linear.weight.shape and (bias is None) == (linear.bias is None):
             with torch.no_grad():
                 linear.weight.copy_(weight)

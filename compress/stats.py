@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from compress.errors import NumericalError
+from compress.errors import NonFiniteInput, NumericalError
 
 
 class ChannelStats:
@@ -36,9 +36,11 @@ class ChannelStats:
             x = x.float()
         tokens = x.shape[0]
         # Column sums are cheap vectorised reductions (torch.var_mean over dim 0 is ~8x slower).
-        # NaN/Inf propagate into the sums and are caught by check_finite() after the layer ran.
+        column_sum = x.sum(0)
+        if not torch.isfinite(column_sum).all():  # NaN/Inf anywhere in x reaches its column sum
+            raise NonFiniteInput(f"NaN or Inf in the input of {self.name}")
         self.count += tokens
-        self.sum += x.sum(0).double().cpu()
+        self.sum += column_sum.double().cpu()
         self.sum_sq += (x * x).sum(0).double().cpu()
         if self.gram is not None:
             sub = x[:: self.stride]
@@ -74,9 +76,16 @@ class ChannelStats:
 
 
 @contextmanager
-def input_stats(modules: dict[str, nn.Linear], second_moment_stride: int | None = None):
-    """Collect ChannelStats of the inputs of `modules` while the block runs; hooks removed on exit."""
-    stats = {name: ChannelStats(name, module.in_features, second_moment_stride) for name, module in modules.items()}
+def input_stats(modules: dict[str, nn.Linear], second_moment_stride: int | None = None, where: str = "",
+                labels: dict[str, str] | None = None):
+    """Collect ChannelStats of the inputs of `modules` while the block runs; hooks removed on exit.
+
+    NaN/Inf messages name each module by `labels[key]` (default: its key) and `where` (e.g.
+    "decoder layer 3").
+    """
+    labels = labels or {}
+    stats = {name: ChannelStats(f"{labels.get(name, name)}{f' of {where}' if where else ''}", module.in_features,
+                                second_moment_stride) for name, module in modules.items()}
     handles = [
         module.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.update(args[0]))
         for name, module in modules.items()

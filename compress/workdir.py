@@ -5,7 +5,8 @@ A run writes its progress next to the output, in `.NAME.work/` (NAME = the outpu
     fingerprint.json            what the progress belongs to (model, calibration, stages, dtype)
     stage-0/layer-0007.safetensors   what stage 0 decided for layer 7 (scores, or the pruned layer)
     stage-0/hidden.safetensors  the calibration hidden states after the last finished layer
-    stage-0/result.safetensors  every decoder linear once stage 0 is complete
+    stage-0/final-0007.safetensors   layer 7's decoder linears once stage 0 is complete
+    stage-0/result.safetensors  the completion marker, with the stage's report details
 
 Every file is written to a temporary name and renamed, so a kill leaves either the old file or
 the new one, never half of one. Running the same command again finds the folder, checks the
@@ -112,18 +113,27 @@ class StageFolder:
         return int(meta.pop("depth")), hidden, meta
 
     # ---- the finished stage -------------------------------------------------------------------
-    def save_result(self, tensors: dict[str, torch.Tensor], details: dict) -> None:
-        save_atomic(self.path / "result.safetensors", tensors, {"details": details})
-        for path in self.path.glob("layer-*.safetensors"):
-            path.unlink()
-        (self.path / "hidden.safetensors").unlink(missing_ok=True)
+    def save_result(self, adapter, details: dict) -> None:
+        """Every layer's decoder linears (one file per layer, so memory stays flat), then the marker."""
+        from compress.slicing import layer_linear_tensors
 
-    def load_result(self) -> tuple[dict[str, torch.Tensor], dict] | None:
-        found = load(self.path / "result.safetensors")
-        if found is None:
+        for index, layer in enumerate(adapter.layers()):
+            self.save(f"final-{index:04d}", layer_linear_tensors(adapter, layer))
+        self.save("result", {}, {"details": details})
+        for pattern in ("layer-*.safetensors", "compensation-*.safetensors", "hidden.safetensors"):
+            for path in self.path.glob(pattern):
+                path.unlink()
+
+    def restore_result(self, adapter) -> dict | None:
+        """Put a finished stage's layers into the model; its report details, or None if unfinished."""
+        from compress.slicing import set_layer_linears
+
+        marker = self.load("result")
+        if marker is None:
             return None
-        tensors, meta = found
-        return tensors, meta["details"]
+        for index, layer in enumerate(adapter.layers()):
+            set_layer_linears(adapter, layer, self.load(f"final-{index:04d}")[0])
+        return marker[1]["details"]
 
 
 def save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:

@@ -156,7 +156,8 @@ class StructuredMethod(Method):
             capture.resume(depth, hidden)
             ctx.log(f"resuming at layer {depth} from {folder.path}")
         for index, layer in capture.layers():
-            with input_stats(self.observed(adapter, layer), stride) as stats:
+            labels = dict(zip(("attention", "mlp"), adapter.output_projection_paths()))
+            with input_stats(self.observed(adapter, layer), stride, f"decoder layer {index}", labels) as stats:
                 capture.forward(index, layer, advance=not self.sequential)
             scores[index] = self.score_layer(index, adapter, layer, stats)
             scores[index].compensation = self.compensations(index, stats, work_dir)
@@ -240,7 +241,7 @@ class WeightMethod(Method):
         for index, layer in capture.layers():
             linears = adapter.decoder_linears(layer)
             groups = adapter.input_groups()
-            with input_stats({group[0]: linears[group[0]] for group in groups}) as shared:
+            with input_stats({group[0]: linears[group[0]] for group in groups}, where=f"decoder layer {index}") as shared:
                 # a statistics-only pass stops once the last linear's input is seen
                 capture.forward(index, layer, advance=advance, stop_at=None if advance else linears[groups[-1][0]])
             stats = {name: shared[group[0]] for group in groups for name in group}
