@@ -1,5 +1,7 @@
 """Config fields shared by weight-level (mask) methods."""
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from compress.config_base import StageConfig
@@ -9,6 +11,9 @@ from compress.masks import parse_pattern
 class WeightStageConfig(StageConfig):
     sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of zeros in every decoder linear")
     pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (N weights kept in every M inputs)")
+    inputs: Literal["sequential", "dense"] = Field(
+        "sequential", description="statistics from the already-pruned earlier layers (two passes per layer) "
+                                  "or from the dense model (one pass per layer, faster)")
     owl: bool = Field(False, description="non-uniform layer sparsity from outlier ratios (OWL), unstructured only")
     owl_lambda: float = Field(0.08, gt=0.0, lt=0.5, description="OWL: layer sparsities stay within target +- lambda")
     owl_threshold: float = Field(5.0, gt=1.0, description="OWL: outlier = score above this multiple of the layer mean")

@@ -67,6 +67,9 @@ def _stock_config_possible(adapter: Adapter, layout: list[dict]) -> bool:
     if any({k: v for k, v in entry.items()} != first for entry in layout[1:]):
         return False
     config = adapter.config
+    kinds = dict(zip(adapter.output_projection_paths(), ("attention", "mlp")))
+    if any(kinds[path] not in adapter.bias_flags for path in first["output_biases"]):
+        return False  # the stock config cannot give that projection a bias
     heads = first["num_attention_heads"]
     # LlamaConfig-style validators demand hidden_size % heads == 0 even with an explicit head_dim.
     return config.hidden_size % heads == 0 and heads % first["num_key_value_heads"] == 0
@@ -83,8 +86,9 @@ def _write_uniform(model, adapter: Adapter, layout: list[dict], folder: Path, ma
                 _materialize_biases(adapter.attention(layer), [adapter.q_name, adapter.k_name, adapter.v_name])
             if mlp_bias:
                 _materialize_biases(adapter.mlp(layer), [adapter.gate_name, adapter.up_name])
-        config.attention_bias = config.attention_bias or attention_bias
-        config.mlp_bias = config.mlp_bias or mlp_bias
+        for kind, needed in (("attention", attention_bias), ("mlp", mlp_bias)):
+            if needed:
+                setattr(config, adapter.bias_flags[kind], True)
     config.num_attention_heads = first["num_attention_heads"]
     config.num_key_value_heads = first["num_key_value_heads"]
     config.intermediate_size = first["intermediate_size"]

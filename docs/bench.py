@@ -33,6 +33,7 @@ ROWS = {
     "wanda_2_4": "recipe=wanda_50 pattern=2:4",
     "wanda_4_8": "recipe=wanda_50 pattern=4:8",
     "wanda_50_owl": "recipe=wanda_50 stages.0.owl=true",
+    "wanda_50_dense_inputs": "recipe=wanda_50 stages.0.inputs=dense",
     "magnitude_50": "recipe=wanda_50 stages.0.method=magnitude",
     "magnitude_2_4": "recipe=wanda_50 stages.0.method=magnitude pattern=2:4",
     "gblm_50": "recipe=gblm_50",

@@ -90,3 +90,31 @@ def tiny_recipe(tiny_model_dir, text_files, tmp_path):
         "export": {"output": str(tmp_path / "out")},
         "eval": {"ppl": 2, "text": str(text_files["test"]), "seq_len": 32},
     }
+
+
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    """A tiny random causal LM of one supported architecture (GQA, explicit head_dim), built in-process."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=320, hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True)
+    if model_type == "llama":
+        return tiny_llama(seed)
+    configs = {
+        "mistral": lambda: MistralConfig(**common, sliding_window=16),
+        "qwen2": lambda: Qwen2Config(**common),  # q/k/v biases
+        "qwen3": lambda: Qwen3Config(**common),  # q/k norms
+        "gemma3_text": lambda: Gemma3TextConfig(**{**common, "num_attention_heads": 4, "num_key_value_heads": 1,
+                                                   "head_dim": 32}, sliding_window=8,
+                                                layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+    }
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(configs[model_type]()).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embed" not in name:
+                param.mul_(torch.rand(param.shape[1]) * 2 + 0.2)
+    return model

@@ -133,3 +133,28 @@ def test_flap_then_wanda_2_4_composes_and_reloads_exactly(tiny_recipe, tmp_path)
         assert adapter.intermediate_size(layer) % 8 == 0
         for linear in adapter.decoder_linears(layer).values():
             assert follows_nm(linear.weight, 2, 4)
+
+
+def test_dense_inputs_take_every_statistic_from_the_dense_model():
+    from compress.masks import make_mask
+    from compress.stats import input_stats
+    reference = tiny_llama()
+    adapter = get_adapter(reference)
+    capture = LayerwiseCapture(adapter, WINDOWS, 4)
+    expected = {}
+    for index, layer in capture.layers():  # dense statistics, no pruning in between
+        with input_stats(adapter.decoder_linears(layer)) as stats:
+            capture.forward(index, layer)
+        for name, linear in adapter.decoder_linears(layer).items():
+            score = linear.weight.abs() * stats[name].l2_norm[None, :]
+            expected[(index, name)] = linear.weight * make_mask(score, 0.5)
+    model = tiny_llama()
+    prune(model, "wanda", sparsity=0.5, inputs="dense")
+    pruned = get_adapter(model)
+    for index, layer in enumerate(pruned.layers()):
+        for name, linear in pruned.decoder_linears(layer).items():
+            assert torch.equal(linear.weight, expected[(index, name)])
+    sequential = tiny_llama()
+    prune(sequential, "wanda", sparsity=0.5)
+    assert not torch.equal(get_adapter(sequential).down_proj(get_adapter(sequential).layers()[2]).weight,
+                           pruned.down_proj(pruned.layers()[2]).weight)

@@ -5,6 +5,10 @@ adapter. Adding an architecture means adding one adapter file and registering it
 """
 
 from compress.arch.base import Adapter, register_adapter, get_adapter, supported_model_types
-from compress.arch import llama as _llama  # noqa: F401  (registers itself)
+from compress.arch import llama as _llama  # noqa: F401  (each module registers itself)
+from compress.arch import mistral as _mistral  # noqa: F401
+from compress.arch import qwen2 as _qwen2  # noqa: F401
+from compress.arch import qwen3 as _qwen3  # noqa: F401
+from compress.arch import gemma3 as _gemma3  # noqa: F401
 
 __all__ = ["Adapter", "register_adapter", "get_adapter", "supported_model_types"]

@@ -53,6 +53,9 @@ class Adapter:
     mlp_name = "mlp"
     gate_name, up_name, down_name = "gate_proj", "up_proj", "down_proj"
     base_model_path = "model"
+    # Config flags that give every attention / MLP linear a bias in the stock classes (a uniform
+    # checkpoint whose output projections gained a bias can keep the stock config only through them).
+    bias_flags: dict[str, str] = {"attention": "attention_bias", "mlp": "mlp_bias"}
     # Transformers module holding the stock classes, for the exported modelling file.
     transformers_module = ""
     model_class = ""
