@@ -22,6 +22,7 @@ COMMON = "model=smollm2-135m --quiet --overwrite"
 ROWS = {
     "flap_20": "recipe=flap_20 eval.speed=true",
     "flap_20_full": "recipe=flap_20 ppl=full",
+    "flap_20_repeat": "recipe=flap_20",  # determinism: same safetensors bytes as flap_20
     "flap_20_bias": "recipe=flap_20 stages.0.compensation=bias",
     "flap_20_self": "recipe=flap_20 calibration=self",
     "flap_20_uniform": "recipe=flap_20 stages.0.uniform=true eval.speed=true",
