@@ -32,22 +32,7 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
-def ascending_order(scores: torch.Tensor, tiebreak: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """Indices sorting `scores` ascending along `dim`; equal scores ordered by `tiebreak` (lower first).
-
-    Activation-aware scores tie whenever an input channel never fires on the calibration data
-    (|W| x 0 = 0 for the whole column); which of those weights survive then decides how the model
-    behaves on text where the channel does fire. Breaking the tie by |W| keeps the larger weights.
-    """
-    if tiebreak is None:
-        return torch.sort(scores, dim=dim, stable=True).indices
-    first = torch.sort(tiebreak, dim=dim, stable=True).indices
-    second = torch.sort(torch.gather(scores, dim, first), dim=dim, stable=True).indices
-    return torch.gather(first, dim, second)
-
-
-def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row",
-                      tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row") -> torch.Tensor:
     """Keep-mask zeroing the lowest `sparsity` of each row (`row`) or of the whole matrix (`layer`)."""
     if group == "layer":
         count = int(scores.numel() * sparsity)
@@ -57,32 +42,27 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row",
         return keep.reshape(scores.shape)
     count = int(scores.shape[1] * sparsity)
     keep = torch.ones_like(scores, dtype=torch.bool)
-    if count:  # stable: on ties the earlier input goes first, as in the reference codes
-        keep.scatter_(1, ascending_order(scores, tiebreak, 1)[:, :count], False)
+    if count:  # a stable sort: on ties the earlier input goes first, as in the reference codes
+        keep.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :count], False)
     return keep
 
 
-def nm_mask(scores: torch.Tensor, n: int, m: int, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep-mask with the N best of every M consecutive inputs of each row."""
     rows, cols = scores.shape
     if cols % m:
         raise UserError(f"N:M pattern needs M ({m}) to divide the input width {cols}")
     blocks = scores.reshape(rows, cols // m, m)
+    # Zero the M - N lowest (rather than keep the N highest): the two differ only on ties, which
+    # quantized checkpoints have in plenty, and this is the reference codes' choice.
     keep = torch.ones_like(blocks, dtype=torch.bool)
-    if tiebreak is None:
-        # Zero the M - N lowest (rather than keep the N highest): the two differ only on ties,
-        # which quantized checkpoints have in plenty, and this is the reference codes' choice.
-        lowest = torch.topk(blocks, m - n, dim=2, largest=False).indices
-    else:
-        lowest = ascending_order(blocks, tiebreak.reshape(rows, cols // m, m), 2)[:, :, : m - n]
-    keep.scatter_(2, lowest, False)
+    keep.scatter_(2, torch.topk(blocks, m - n, dim=2, largest=False).indices, False)
     return keep.reshape(rows, cols)
 
 
-def make_mask(scores: torch.Tensor, sparsity: float, pattern: str = "unstructured", group: str = "row",
-              tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+def make_mask(scores: torch.Tensor, sparsity: float, pattern: str = "unstructured", group: str = "row") -> torch.Tensor:
     nm = parse_pattern(pattern)
-    return unstructured_mask(scores, sparsity, group, tiebreak) if nm is None else nm_mask(scores, *nm, tiebreak)
+    return unstructured_mask(scores, sparsity, group) if nm is None else nm_mask(scores, *nm)
 
 
 @torch.no_grad()

@@ -48,12 +48,3 @@ def test_m_must_divide_the_width():
 
 def test_zero_fraction():
     assert zero_fraction(torch.tensor([[0.0, 1.0], [0.0, 0.0]])) == 0.75
-
-
-def test_ties_are_broken_by_the_tiebreak_key():
-    from compress.masks import nm_mask, unstructured_mask
-    scores = torch.tensor([[0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0]])  # silent inputs: all-zero scores
-    weights = torch.tensor([[0.1, 0.9, 0.3, 0.5, 0.2, 0.8, 0.7, 0.1]])
-    assert nm_mask(scores, 2, 4, weights).tolist() == [[False, True, False, True, False, True, True, False]]
-    assert unstructured_mask(scores, 0.5, tiebreak=weights).tolist() == \
-        [[False, True, False, True, False, True, True, False]]

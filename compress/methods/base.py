@@ -300,9 +300,7 @@ class WeightMethod(Method):
             sparsity = cfg.sparsity if sparsities is None else sparsities[index]
             for name, linear in adapter.decoder_linears(layer).items():
                 scores = self.linear_scores(index, name, linear, stats.get(name))
-                # equal scores (inputs silent on the calibration data) are ordered by |W|
-                tiebreak = linear.weight.detach().float().abs() if self.uses_activations else None
-                apply_mask(linear, make_mask(scores, sparsity, cfg.pattern, group, tiebreak))
+                apply_mask(linear, make_mask(scores, sparsity, cfg.pattern, group))
                 zeros[f"layers.{index}.{name}"] = zero_fraction(linear.weight)
         details = {"pattern": cfg.pattern, "zero_fraction_per_linear": zeros}
         if sparsities is not None:
