@@ -2,7 +2,7 @@
 
 A run writes its progress next to the output, in `.NAME.work/` (NAME = the output folder's name):
 
-    fingerprint.json            what the progress belongs to (model, calibration, stages, dtype)
+    fingerprint.json            what the progress belongs to (model, calibration, stages, code version)
     stage-0/layer-0007.safetensors   what stage 0 decided for layer 7 (scores, or the pruned layer)
     stage-0/hidden.safetensors  the calibration hidden states after the last finished layer
     stage-0/final-0007.safetensors   layer 7's decoder linears once stage 0 is complete
@@ -33,7 +33,19 @@ def recipe_fingerprint(recipe) -> str:
     """Hash of everything that decides the pruned weights (not evaluation, not the output path)."""
     data = recipe.model_dump(mode="json")
     relevant = {key: data[key] for key in ("model", "calibration", "stages")}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:24]
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
+    digest.update(code_fingerprint().encode())  # progress made by other code is not reused
+    return digest.hexdigest()[:24]
+
+
+def code_fingerprint() -> str:
+    """Hash of the installed toolkit's source (compress/ and calibration/)."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "compress").rglob("*.py"), *(root / "calibration").rglob("*.py")]):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 class WorkFolder:

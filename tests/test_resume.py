@@ -67,3 +67,14 @@ def test_a_different_recipe_does_not_reuse_progress(tiny_recipe, tmp_path):
     assert run(other).returncode == 0
     report = json.loads((output / "report.json").read_text())
     assert abs(report["sparsity"]["achieved_decoder_linear"] - 0.1) < 0.05
+
+
+def test_progress_is_tied_to_the_recipe_and_the_code(tiny_recipe, monkeypatch):
+    from compress.recipe import load_recipe
+    from compress.workdir import recipe_fingerprint
+    recipe = load_recipe(tiny_recipe)
+    first = recipe_fingerprint(recipe)
+    assert recipe_fingerprint(load_recipe({**tiny_recipe, "eval": {"ppl": "none"}})) == first  # eval: no effect
+    assert recipe_fingerprint(load_recipe({**tiny_recipe, "stages": [{"method": "flap", "sparsity": 0.2}]})) != first
+    monkeypatch.setattr("compress.workdir.code_fingerprint", lambda: "other code")
+    assert recipe_fingerprint(recipe) != first
