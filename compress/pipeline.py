@@ -70,7 +70,7 @@ def preflight(recipe: Recipe, export: bool = True) -> Path | None:
     if not export:
         return None
     output = check_output_dir(recipe.export.output, recipe.export.overwrite)
-    check_disk_space(recipe, kind, output)
+    check_disk_space(recipe, kind, config, output)
     return output
 
 
@@ -109,13 +109,13 @@ def source_weight_bytes(name: str, kind: str) -> int | None:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) or None
 
 
-def check_disk_space(recipe: Recipe, kind: str, output: Path) -> None:
+def check_disk_space(recipe: Recipe, kind: str, config: dict | None, output: Path) -> None:
     """The export needs about the source's weight size (scaled to the recipe's dtype) free next to `output`."""
     size = source_weight_bytes(recipe.model.name, kind)
     if size is None:
         return
     bytes_now = 4 if recipe.model.dtype == "float32" else 2
-    config = read_config(recipe.model.name, kind, recipe.model.trust_remote_code) or {}
+    config = config or {}
     source_dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
     bytes_before = 2 if ("16" in source_dtype) else 4
     needed = size * bytes_now // bytes_before
