@@ -56,6 +56,37 @@ def read_source_text(source: str, path: str | None = None, field: str = "text", 
     raise UserError(f"unknown calibration source '{source}'")
 
 
+def read_records(source: str, path: str | None = None, dataset: str | None = None,
+                 dataset_config: str | None = None, split: str = "train"):
+    """Records (dicts) of a `jsonl` file or a Hugging Face dataset, one at a time."""
+    if source == "jsonl":
+        file = _existing_file(path, "data.path")
+        with file.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{file}:{line_number} is not valid JSON ({err.msg}); fix the line") from err
+                if not isinstance(record, dict):
+                    raise UserError(f"{file}:{line_number} is not a JSON object")
+                yield record
+        return
+    if source == "hf":
+        if not dataset:
+            raise UserError("source=hf needs a dataset name")
+        import datasets
+
+        try:
+            rows = datasets.load_dataset(dataset, dataset_config, split=split, data_files=path or None)
+        except Exception as err:  # network, missing config, missing split: all user-fixable
+            raise UserError(f"cannot load dataset {dataset} ({dataset_config}, {split}): {err}") from err
+        yield from rows
+        return
+    raise UserError(f"records need source jsonl or hf, not '{source}'")
+
+
 def _existing_file(path: str | None, key: str) -> Path:
     if not path:
         raise UserError(f"{key} is not set; give the path of the data file")

@@ -229,8 +229,13 @@ def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwr
         if verify and nm_patterns:
             facts["nm_pattern_verified"] = [f"{n}:{m}" for n, m in nm_patterns]
         if finalize is not None:
-            for name, text in finalize(facts).items():
-                (staging / name).write_text(text)
+            for name, content in finalize(facts).items():
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(content, bytes):
+                    target.write_bytes(content)
+                else:
+                    target.write_text(content)
         if output.exists():
             if not overwrite and any(output.iterdir()):
                 raise UserError(f"output folder {output} appeared while running; add --overwrite")

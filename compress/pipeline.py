@@ -67,6 +67,7 @@ def preflight(recipe: Recipe, export: bool = True) -> Path | None:
                             f"text in it or use calibration=self")
     check_eval(recipe.eval, config)
     check_context_length("calibration.seq_len", cal.seq_len, config)
+    check_recovery_data(recipe, config)
     if not export:
         return None
     output = check_output_dir(recipe.export.output, recipe.export.overwrite)
@@ -90,6 +91,27 @@ def check_eval(evaluation: EvalConfig, config: dict | None) -> None:
     if not Path(evaluation.text).expanduser().is_file():
         raise UserError(f"evaluation text not found: {evaluation.text}; set eval.text= or ppl=none")
     check_context_length("eval.seq_len", evaluation.seq_len, config)
+
+
+def check_recovery_data(recipe: Recipe, config: dict | None) -> None:
+    """Recovery stages read an existing file that is not the evaluation text."""
+    for number, stage in enumerate(recipe.stages):
+        data = getattr(stage, "data", None)
+        if data is None:
+            continue
+        check_context_length(f"stages.{number}.seq_len", stage.seq_len, config)
+        if data.source == "hf":
+            if not data.dataset:
+                raise UserError(f"stages.{number}.data.source=hf needs stages.{number}.data.dataset=NAME")
+            continue
+        path = Path(data.path or "").expanduser()
+        if not data.path or not path.is_file():
+            raise UserError(f"recovery data file not found: {data.path}; set stages.{number}.data.path=FILE")
+        if recipe.eval.ppl != "none" and path.resolve() == Path(recipe.eval.text).expanduser().resolve():
+            raise UserError(f"stages.{number}.data.path is the evaluation text {data.path}: training on the test "
+                            f"text makes the perplexity meaningless; use other text (e.g. wiki.valid.tokens)")
+        if data.template is not None and data.source == "text":
+            raise UserError(f"stages.{number}.data.template formats records: set data.source=jsonl or hf")
 
 
 def check_context_length(key: str, length: int, config: dict | None) -> None:
@@ -136,10 +158,29 @@ def nm_patterns(recipe: Recipe) -> tuple[tuple[int, int], ...]:
     return tuple(sorted({nm for nm in found if nm is not None}))
 
 
+def check_mlp_only_budgets(recipe: Recipe, config: dict | None) -> None:
+    """A stage that prunes MLP channels only cannot remove more than the MLPs' share of the decoder linears."""
+    text = (config or {}).get("text_config", config or {})
+    try:
+        hidden, inter = int(text["hidden_size"]), int(text["intermediate_size"])
+        heads, kv = int(text["num_attention_heads"]), int(text.get("num_key_value_heads") or text["num_attention_heads"])
+        head_dim = int(text.get("head_dim") or hidden // heads)
+    except (KeyError, TypeError, ValueError):
+        return
+    mlp = 3 * hidden * inter
+    share = mlp / (mlp + 2 * hidden * heads * head_dim + 2 * hidden * kv * head_dim)
+    for number, stage in enumerate(recipe.stages):
+        if getattr(stage, "targets", None) == "mlp" and stage.sparsity >= share:
+            raise UserError(f"stage {number} ({stage.method}) removes {stage.sparsity:.0%} of the decoder linears from "
+                            f"the MLPs alone, which hold {share:.0%}; use stages.{number}.targets=both or a lower "
+                            f"sparsity")
+
+
 def check_stage_order(recipe: Recipe, config: dict | None) -> None:
     """N:M stages need every input width to be a multiple of M, including widths earlier stages chose."""
     from compress.masks import parse_pattern
 
+    check_mlp_only_budgets(recipe, config)
     for number, stage in enumerate(recipe.stages):
         nm = parse_pattern(stage.pattern) if hasattr(stage, "pattern") else None
         if nm is None:
@@ -272,6 +313,11 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
     peak_by_phase["calibration_data"] = peak_rss_mib()
 
     stage_reports = []
+    artifacts: dict[str, bytes | str] = {}  # extra export files from stages (e.g. a LoRA adapter)
+
+    def evaluate_now(label: str) -> float | None:
+        return evaluate_ppl(model, tokenizer, recipe.eval, bars, label, test_ids)
+
     for number, stage in enumerate(recipe.stages):
         stage_start = time.perf_counter()
         method = METHODS[stage.method](stage)
@@ -290,16 +336,21 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
         folder = work.stage(number) if work is not None else None
         details = folder.restore_result(adapter) if folder is not None else None
         if details is not None:  # a resumed run: this stage completed before the interruption
+            artifacts.update(folder.load_artifacts())
             log(f"stage {number} ({stage.method}) restored from {folder.path}")
         else:
             ctx = StageContext(adapter=adapter, new_capture=new_capture, log=log, windows=windows,
-                               make_bar=make_bar, folder=folder)
+                               make_bar=make_bar, folder=folder, tokenizer=tokenizer,
+                               evaluate=evaluate_now if recipe.eval.ppl != "none" else None,
+                               previous=list(stage_reports), artifacts={})
             try:
                 details = method.run(ctx) or {}
             finally:
                 for bar in open_bars:
                     bar.close()
+            artifacts.update(ctx.artifacts)
             if folder is not None:
+                folder.save_artifacts(ctx.artifacts)
                 folder.save_result(adapter, details)
         seconds[f"stage_{number}_{stage.method}"] = time.perf_counter() - stage_start
         stage_reports.append({"method": stage.method, "config": stage.model_dump(mode="json"), **details})
@@ -327,7 +378,7 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
         "layers": [{"index": i, **entry} for i, entry in enumerate(layer_layout(adapter))],
         "params": {"total_before": params_before, "total_after": params_after,
                    "decoder_linear_before": linear_before, "decoder_linear_after": linear_after},
-        "sparsity": {"targets": [s.sparsity for s in recipe.stages],
+        "sparsity": {"targets": [s.sparsity for s in recipe.stages if METHODS[s.method].prunes],
                      "achieved_decoder_linear": 1 - linear_after / linear_before,
                      "zero_fraction_decoder_linear": decoder_zero_fraction(adapter)},
         "ppl": ppl,
@@ -347,7 +398,7 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
             report["peak_rss_mib"] = peak_rss_mib()
             report["peak_rss_mib_by_phase"] = peak_by_phase
             return {"report.json": json.dumps(report, indent=2) + "\n", "recipe.yaml": dump_recipe(recipe),
-                    "README.md": model_card(recipe, report)}
+                    "README.md": model_card(recipe, report), **artifacts}
 
         log(f"writing {output}")
         write_checkpoint(model, tokenizer, adapter, output, overwrite=recipe.export.overwrite,
@@ -363,7 +414,8 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
 def model_card(recipe: Recipe, report: dict) -> str:
     ppl = report["ppl"]
     params = report["params"]
-    stages = ", ".join(f"{s.method} {s.sparsity:.0%}" for s in recipe.stages)
+    stages = ", ".join(f"{s.method} {s.sparsity:.0%}" if METHODS[s.method].prunes else f"{s.method} recovery"
+                       for s in recipe.stages)
     load = ("from transformers import AutoModelForCausalLM\n"
             f"model = AutoModelForCausalLM.from_pretrained(\"PATH\"{', trust_remote_code=True' if report['export']['trust_remote_code_needed'] else ''})")
     rows = [f"| parameters | {params['total_before']:,} | {params['total_after']:,} |",

@@ -97,3 +97,32 @@ def input_stats(modules: dict[str, nn.Linear], second_moment_stride: int | None 
             handle.remove()
     for layer_stats in stats.values():
         layer_stats.check_finite()
+
+
+@contextmanager
+def angular_distance(layer: nn.Module):
+    """Mean angular distance arccos(cos(h_in, h_out)) / pi over all tokens the layer sees while active.
+
+    Yields a dict that holds `angular_distance` (in [0, 1]) once the block exits: how much the layer
+    turns the residual stream (CFSP's and ShortGPT's block importance).
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    count = [0]
+
+    def hook(_module, args, kwargs, output):
+        hidden_in = args[0] if args else kwargs["hidden_states"]
+        hidden_out = output[0] if isinstance(output, (tuple, list)) else output
+        cosine = torch.nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1, eps=1e-8)
+        angle = torch.arccos(cosine.clamp(-1.0, 1.0)) / torch.pi
+        nonlocal total
+        total = total + angle.double().sum().cpu()
+        count[0] += angle.numel()
+
+    result: dict[str, float] = {}
+    handle = layer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield result
+    finally:
+        handle.remove()
+    if count[0]:
+        result["angular_distance"] = float(total / count[0])

@@ -136,6 +136,21 @@ class StageFolder:
             for path in self.path.glob(pattern):
                 path.unlink()
 
+    def save_artifacts(self, artifacts: dict[str, bytes | str]) -> None:
+        """Extra export files of the stage (kept so a resumed run still exports them)."""
+        for number, (name, content) in enumerate(sorted(artifacts.items())):
+            data = content if isinstance(content, bytes) else content.encode()
+            save_atomic(self.path / f"artifact-{number:02d}.safetensors", {"bytes": torch.frombuffer(bytearray(data), dtype=torch.uint8)},
+                        {"name": name, "text": not isinstance(content, bytes)})
+
+    def load_artifacts(self) -> dict[str, bytes | str]:
+        artifacts = {}
+        for path in sorted(self.path.glob("artifact-*.safetensors")):
+            tensors, meta = load(path)
+            data = tensors["bytes"].numpy().tobytes()
+            artifacts[meta["name"]] = data.decode() if meta["text"] else data
+        return artifacts
+
     def restore_result(self, adapter) -> dict | None:
         """Put a finished stage's layers into the model; its report details, or None if unfinished."""
         from compress.slicing import set_layer_linears

@@ -73,6 +73,17 @@ CASES = [
          "has no field 'body'"),
     Case("Hugging Face source without a dataset", ["calibration=hf"], "needs calibration.dataset"),
     Case("evaluation text missing", ["eval.text=/no/such/test.txt"], "evaluation text not found"),
+    Case("CFSP on MLPs only beyond what the MLPs hold", ["stages=[{method: cfsp, sparsity: 0.8, targets: mlp}]"],
+         "use stages.0.targets=both"),
+    # recovery
+    Case("recovery trains on the evaluation text", ["stages=[{method: flap}, {method: lora, data: {path: '{TEXT}'}}]"],
+         "training on the test text"),
+    Case("recovery data file missing", ["stages=[{method: flap}, {method: lora, data: {path: /no/such.txt}}]"],
+         "recovery data file not found"),
+    Case("LoRA on a module that is not a decoder linear",
+         ["stages=[{method: flap}, {method: lora, target_modules: [lm_head]}]"], "unknown target module 'lm_head'"),
+    Case("instruction template on plain text", ["stages=[{method: flap}, {method: lora, data: {template: '{x}'}}]"],
+         "set data.source=jsonl or hf"),
     # output
     Case("no output folder", ["output="], "no output folder"),
     Case("output folder not empty", ["output={NONEMPTY}"], "is not empty"),
@@ -123,6 +134,7 @@ def base_args(tiny_model_dir: Path, text: Path, output: Path) -> list[str]:
 def run_case(case: Case, tmp: Path, files: dict, tiny_model_dir: Path, text: Path, monkeypatch) -> tuple[int, str]:
     args = []
     for arg in case.args:
+        arg = arg.replace("{TEXT}", str(text))
         for name, value in files.items():
             arg = arg.replace(f"{{{name}}}", value)
         args.append(arg)

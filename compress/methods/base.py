@@ -13,6 +13,7 @@ statistics, and how scores become keep-decisions. `StructuredMethod.run` does th
 from __future__ import annotations
 
 import tempfile
+from contextlib import nullcontext
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ class LayerScores:
     units: list[UnitScores]
     # How each output projection ("attention" -> o_proj, "mlp" -> down_proj) is compensated.
     compensation: dict[str, object] = field(default_factory=dict)
+    # Scalars measured on the whole layer (e.g. CFSP's angular distance), from `observe_layer`.
+    block: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -48,6 +51,10 @@ class StageContext:
     folder: StageFolder | None = None  # resumable progress of this stage (see compress.workdir)
     windows: torch.Tensor | None = None  # calibration token ids [samples, seq_len]
     make_bar: callable = None  # (description, total, unit) -> tqdm-like bar with update()/close()
+    tokenizer: object = None
+    evaluate: callable = None  # (label) -> perplexity of the model as it is now, under the recipe's eval
+    previous: list = field(default_factory=list)  # reports of the stages that ran before this one
+    artifacts: dict = field(default_factory=dict)  # extra files for the export: relative path -> bytes | str
 
 
 class StoredLeastSquares:
@@ -67,6 +74,7 @@ class Method(ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[StageConfig]]
+    prunes: ClassVar[bool] = True  # False for stages that only train (recovery)
 
     def __init__(self, config: StageConfig):
         self.config = config
@@ -97,6 +105,15 @@ class StructuredMethod(Method):
         keep = self.allocate(scores)
         units = [u for layer_scores in scores.values() for u in layer_scores.units]
         return round_widths(units, keep, getattr(self.config, "round_to", 1))
+
+    def observe_layer(self, layer: nn.Module):
+        """Context manager active while the layer runs on the calibration data; yields a dict that
+        holds per-layer scalars once it exits (stored in `LayerScores.block`). Default: nothing."""
+        return nullcontext({})
+
+    def report_details(self, scores: dict[int, LayerScores]) -> dict:
+        """Extra report entries once the stage is done (default: none)."""
+        return {}
 
     def compensation_mode(self) -> str:
         return getattr(self.config, "compensation", "none")
@@ -157,9 +174,11 @@ class StructuredMethod(Method):
             ctx.log(f"resuming at layer {depth} from {folder.path}")
         for index, layer in capture.layers():
             labels = dict(zip(("attention", "mlp"), adapter.output_projection_paths()))
-            with input_stats(self.observed(adapter, layer), stride, f"decoder layer {index}", labels) as stats:
+            with input_stats(self.observed(adapter, layer), stride, f"decoder layer {index}", labels) as stats, \
+                    self.observe_layer(layer) as block:
                 capture.forward(index, layer, advance=not self.sequential)
             scores[index] = self.score_layer(index, adapter, layer, stats)
+            scores[index].block = dict(block)
             scores[index].compensation = self.compensations(index, stats, work_dir)
             del stats
             if self.sequential:
@@ -176,12 +195,12 @@ class StructuredMethod(Method):
             keep = self.decide(scores)
             for index, layer in enumerate(adapter.layers()):
                 self.apply(adapter, index, layer, keep, scores[index])
-        return {}
+        return self.report_details(scores)
 
     def _scores_to(self, layer_scores: LayerScores) -> tuple[dict, dict]:
         """A layer's scores (and mean compensation) as tensors + metadata for the work folder."""
         tensors = {f"{u.kind}.scores": u.scores for u in layer_scores.units}
-        meta = {"unit_params": {u.kind: u.unit_params for u in layer_scores.units}}
+        meta = {"unit_params": {u.kind: u.unit_params for u in layer_scores.units}, "block": layer_scores.block}
         for kind, comp in layer_scores.compensation.items():
             if isinstance(comp, MeanCompensation):
                 tensors[f"{kind}.mean"] = comp.mean
@@ -196,7 +215,7 @@ class StructuredMethod(Method):
         elif mode == "least_squares":
             path = Path(work_dir) / f"compensation-{index:04d}.safetensors"
             compensation = {u.kind: StoredLeastSquares(path, u.kind, self.config.damping) for u in units}
-        return LayerScores(units=units, compensation=compensation)
+        return LayerScores(units=units, compensation=compensation, block=meta.get("block", {}))
 
 
 class WeightMethod(Method):

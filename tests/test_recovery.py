@@ -1,0 +1,103 @@
+"""LoRA recovery stage on a tiny model: the loss goes down, masks survive merging, adapters export."""
+
+import pytest
+import torch
+
+import compress
+from compress import pipeline
+from compress.arch import get_adapter
+from compress.masks import follows_nm
+from compress.recipe import load_recipe
+from compress.recovery import LoraConfig, layer_ranks, lr_factor
+
+
+def lora_stage(text_files, **overrides):
+    stage = {"method": "lora", "steps": 30, "batch_size": 4, "seq_len": 32, "learning_rate": 3e-3, "warmup_steps": 3,
+             "data": {"path": str(text_files["calibration"])}}
+    stage.update(overrides)
+    return stage
+
+
+def run(tiny_recipe, stages):
+    tiny_recipe["stages"] = stages
+    return pipeline.run(load_recipe(tiny_recipe), progress=False, log=lambda _: None)
+
+
+def test_recovery_lowers_the_loss_and_the_export_reloads(tiny_recipe, text_files):
+    report = run(tiny_recipe, [{"method": "flap", "sparsity": 0.3}, lora_stage(text_files)])
+    details = report["stages"][1]
+    assert details["loss_last"] < details["loss_first"] - 0.1
+    assert report["ppl"]["pruned"] < details["ppl_before"]  # the final eval is after recovery
+    assert report["export"]["reload_max_abs_logit_diff"] < 1e-4
+    assert report["params"]["decoder_linear_after"] < report["params"]["decoder_linear_before"]  # still pruned
+    assert report["sparsity"]["targets"] == [0.3]  # recovery removes nothing
+    model = compress.load(tiny_recipe["export"]["output"])
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_wanda_2_4_then_recovery_keeps_exactly_2_4(tiny_recipe, text_files, tmp_path):
+    tiny_recipe["export"]["output"] = str(tmp_path / "plain")
+    plain = compress.load(run(tiny_recipe, [{"method": "wanda", "pattern": "2:4"}])["export"]["output"])
+    tiny_recipe["export"]["output"] = str(tmp_path / "recovered")
+    report = run(tiny_recipe, [{"method": "wanda", "pattern": "2:4"}, lora_stage(text_files)])
+    assert report["stages"][1]["patterns_verified"] == ["2:4"]
+    assert report["export"]["nm_pattern_verified"] == ["2:4"]
+    recovered = compress.load(report["export"]["output"])
+    changed = 0
+    for layer_a, layer_b in zip(get_adapter(plain).layers(), get_adapter(recovered).layers()):
+        for (name, a), b in zip(get_adapter(plain).decoder_linears(layer_a).items(),
+                                get_adapter(recovered).decoder_linears(layer_b).values()):
+            assert follows_nm(b.weight, 2, 4), name
+            assert torch.equal(a.weight == 0, b.weight == 0), name  # the same zeros, not just the same count
+            changed += int(not torch.equal(a.weight, b.weight))
+    assert changed == 3 * 7  # the fine-tune reached every linear
+
+
+def test_unmerged_adapter_exports_and_reproduces_its_perplexity(tiny_recipe, text_files):
+    from peft import PeftModel
+
+    from compress.evaluate import eval_windows, perplexity
+    from calibration.data import tokenize_text
+
+    report = run(tiny_recipe, [{"method": "flap", "sparsity": 0.3}, lora_stage(text_files, merge=False)])
+    details = report["stages"][1]
+    output = tiny_recipe["export"]["output"]
+    base = compress.load(output)
+    tuned = PeftModel.from_pretrained(base, f"{output}/adapter").eval()
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(output)
+    ids = tokenize_text(tokenizer, open(tiny_recipe["eval"]["text"]).read())
+    windows = eval_windows(ids, tiny_recipe["eval"]["seq_len"], tiny_recipe["eval"]["ppl"])
+    assert perplexity(tuned, windows) == pytest.approx(details["ppl_with_adapter"], rel=1e-4)
+    assert report["ppl"]["pruned"] == pytest.approx(details["ppl_before"], rel=1e-6)  # exported weights untouched
+
+
+def test_importance_ranks_follow_the_layer_importance_with_the_same_mean():
+    config = LoraConfig(rank=8, rank_allocation="importance", min_rank=1, max_rank=64, importance_temperature=20)
+    importance = [0.10, 0.30, 0.20, 0.25]
+    ranks = layer_ranks(importance, config)
+    assert ranks[1] > ranks[3] > ranks[2] > ranks[0]
+    assert sum(ranks) / len(ranks) == pytest.approx(8, abs=0.5)
+    inverse = layer_ranks(importance, LoraConfig(rank=8, rank_allocation="inverse", min_rank=1,
+                                                 importance_temperature=20))
+    assert inverse[0] > inverse[2] > inverse[3] > inverse[1]
+
+
+def test_importance_guided_recovery_runs_with_per_layer_ranks(tiny_recipe, text_files):
+    report = run(tiny_recipe, [{"method": "cfsp", "sparsity": 0.3},
+                               lora_stage(text_files, rank_allocation="importance", importance_temperature=40)])
+    cfsp, lora = report["stages"]
+    assert len(lora["layer_ranks"]) == 3
+    order = sorted(range(3), key=lambda i: cfsp["block_importance"][i])
+    assert [lora["layer_ranks"][i] for i in order] == sorted(lora["layer_ranks"])
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    values = [lr_factor(step, 4, 20) for step in range(20)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+    assert lr_factor(20, 4, 20) == pytest.approx(0.0)
+
+
+def test_tokens_set_the_number_of_steps():
+    assert LoraConfig(tokens=10_000, batch_size=4, seq_len=256).total_steps == 10
+    assert LoraConfig(steps=7).total_steps == 7
