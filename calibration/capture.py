@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from compress.errors import NonFiniteInput, NumericalError
+from compress.offload import model_device, onloaded
 
 
 class LayerwiseCapture:
@@ -62,17 +63,19 @@ class LayerwiseCapture:
             return forward
 
         base = self.adapter.base_model()
-        device = next(self.adapter.model.parameters()).device
+        device = model_device(self.adapter.model)
         try:
             for index, layer in enumerate(layers):
-                originals[index] = layer.forward
+                originals[index] = layer.__dict__.get("forward")  # accelerate's hook wrapper, if any
                 layer.forward = recorder(index)
             for start in range(0, len(windows), self.batch_size):
                 batch = windows[start:start + self.batch_size].to(device)
                 base(input_ids=batch, use_cache=False)
         finally:
             for index, layer in enumerate(layers):
-                if "forward" in layer.__dict__:
+                if originals.get(index) is not None:
+                    layer.forward = originals[index]
+                elif "forward" in layer.__dict__:
                     del layer.forward
         self.hidden = first_inputs
         self.layer_kwargs = recorded
@@ -81,10 +84,11 @@ class LayerwiseCapture:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
     def layers(self) -> Iterator[tuple[int, nn.Module]]:
-        """(index, layer) from the current depth on."""
+        """(index, layer) from the current depth on; a disk-offloaded layer is in memory while it is handled."""
         for index, layer in enumerate(self.adapter.layers()):
             if index >= self.start:
-                yield index, layer
+                with onloaded(layer, self.adapter.offload_store, f"layer-{index:04d}"):
+                    yield index, layer
 
     @torch.no_grad()
     def forward(self, index: int, layer: nn.Module, advance: bool = True, stop_at: nn.Module | None = None) -> None:

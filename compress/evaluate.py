@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from compress.offload import model_device
+
 QUICK_WINDOWS = 64
 
 
@@ -32,7 +34,7 @@ def eval_windows(ids: torch.Tensor, seq_len: int, windows: str | int) -> torch.T
 def window_nll(model, window: torch.Tensor, chunk: int = 128) -> float:
     """Mean next-token NLL of one window, computing the vocabulary logits `chunk` positions at a
     time (a 49k-word vocabulary over 512 positions would otherwise hold 100 MB of logits)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids = window.unsqueeze(0).to(device)
     hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
     head = model.get_output_embeddings()
@@ -62,7 +64,7 @@ def perplexity(model, windows: torch.Tensor, progress: Callable | None = None) -
 def forward_tokens_per_second(model, batch_size: int = 4, seq_len: int = 512, repeats: int = 2) -> float:
     """Tokens/s of a forward pass over a batch of `batch_size` x `seq_len` random tokens."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     model(input_ids=ids[:, :16], use_cache=False)  # warm-up
@@ -77,7 +79,7 @@ def generation_tokens_per_second(model, new_tokens: int = 128, repeats: int = 2)
     """Tokens/s of greedy generation of `new_tokens` at batch 1 (no early stop); best of `repeats`
     after a short warm-up."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids = torch.tensor([[1, 2, 3, 4]], device=device)
 
     def generate(count: int) -> float:

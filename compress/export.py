@@ -25,6 +25,7 @@ from compress.arch.base import Adapter
 from compress.errors import UserError
 from compress.workdir import fault_point
 from compress.modeling_pruned import attach_zero_bias
+from compress.offload import model_device
 
 MODELING_FILE = Path(__file__).with_name("modeling_pruned.py")
 
@@ -81,11 +82,14 @@ def _write_uniform(model, adapter: Adapter, layout: list[dict], folder: Path, ma
     if first["output_biases"]:
         attention_bias = adapter.output_projection_paths()[0] in first["output_biases"]
         mlp_bias = adapter.output_projection_paths()[1] in first["output_biases"]
-        for layer in adapter.layers():
-            if attention_bias:
-                _materialize_biases(adapter.attention(layer), [adapter.q_name, adapter.k_name, adapter.v_name])
-            if mlp_bias:
-                _materialize_biases(adapter.mlp(layer), [adapter.gate_name, adapter.up_name])
+        from compress.offload import onloaded
+
+        for index, layer in enumerate(adapter.layers()):
+            with onloaded(layer, adapter.offload_store, f"layer-{index:04d}"):
+                if attention_bias:
+                    _materialize_biases(adapter.attention(layer), [adapter.q_name, adapter.k_name, adapter.v_name])
+                if mlp_bias:
+                    _materialize_biases(adapter.mlp(layer), [adapter.gate_name, adapter.up_name])
         for kind, needed in (("attention", attention_bias), ("mlp", mlp_bias)):
             if needed:
                 setattr(config, adapter.bias_flags[kind], True)
@@ -133,6 +137,34 @@ def _set_constant(source: str, name: str, value: str) -> str:
     raise RuntimeError(f"constant {name} missing from {MODELING_FILE}")
 
 
+def drop_tied_copies(model, folder: Path) -> None:
+    """Remove tied weights that a disk-offloaded save wrote twice (it cannot see that they share storage)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    keys = list(tied) if isinstance(tied, (dict, list, tuple)) else []
+    if not getattr(model.config, "tie_word_embeddings", False) or not keys:
+        return
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else None
+    for key in keys:
+        shard = index["weight_map"].get(key) if index else "model.safetensors"
+        path = folder / shard if shard else None
+        if path is None or not path.is_file():
+            continue
+        with safe_open(path, framework="pt") as handle:
+            if key not in handle.keys():
+                continue
+            metadata = handle.metadata()
+            tensors = {name: handle.get_tensor(name) for name in handle.keys() if name != key}
+        save_file(tensors, path, metadata=metadata)
+        if index:
+            del index["weight_map"][key]
+    if index:
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 VERIFY_IDS = torch.randint(0, 1 << 30, (2, 64), generator=torch.Generator().manual_seed(1234))
 
 
@@ -141,11 +173,18 @@ def reference_logits(model) -> torch.Tensor:
     """Float32 logits of `model` on a fixed random batch (the reload check's reference)."""
     ids = VERIFY_IDS % model.config.vocab_size
     dtype = next(model.parameters()).dtype
-    model.eval().float()
+    offloaded = hasattr(model, "hf_device_map")  # accelerate-dispatched: cannot be cast or moved
+    if offloaded and dtype != torch.float32:
+        raise UserError("the reload check of a model loaded with device_map/max_memory runs in its own dtype: "
+                        "use dtype=float32 or export.verify=false")
+    model.eval()
+    if not offloaded:
+        model.float()
     try:
-        return model(input_ids=ids.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
+        return model(input_ids=ids.to(model_device(model)), use_cache=False).logits.float().cpu()
     finally:
-        model.to(dtype)
+        if not offloaded:
+            model.to(dtype)
 
 
 def max_logit_difference(expected: torch.Tensor, reloaded) -> float:
@@ -159,13 +198,16 @@ def check_nm_patterns(model, patterns: tuple[tuple[int, int], ...]) -> None:
 
     if not patterns:
         return
+    from compress.offload import onloaded
+
     adapter = get_adapter(model)
     for index, layer in enumerate(adapter.layers()):
-        for name, linear in adapter.decoder_linears(layer).items():
-            for n, m in patterns:
-                if not follows_nm(linear.weight, n, m):
-                    raise RuntimeError(f"saved layers.{index}.{name} does not follow the {n}:{m} pattern; "
-                                       f"nothing was written")
+        with onloaded(layer, None, write_back=False):
+            for name, linear in adapter.decoder_linears(layer).items():
+                for n, m in patterns:
+                    if not follows_nm(linear.weight, n, m):
+                        raise RuntimeError(f"saved layers.{index}.{name} does not follow the {n}:{m} pattern; "
+                                           f"nothing was written")
 
 
 def remove_stale_staging(output: Path) -> None:
@@ -188,7 +230,7 @@ def _process_alive(pid: int) -> bool:
 
 def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwrite: bool, max_shard_size: str,
                      finalize=None, verify: bool = True, tolerance: float = 1e-4, release_model: bool = False,
-                     nm_patterns: tuple[tuple[int, int], ...] = ()) -> dict:
+                     nm_patterns: tuple[tuple[int, int], ...] = (), placement: dict | None = None) -> dict:
     """Write, reload, compare, add `finalize(facts)` files (report, card), then move into place.
 
     `nm_patterns`: N:M patterns the decoder linears must follow; checked on the reloaded weights.
@@ -211,13 +253,15 @@ def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwr
             _write_uniform(model, adapter, layout, staging, max_shard_size)
         else:
             _write_per_layer(model, adapter, layout, staging, max_shard_size)
+        if hasattr(model, "hf_device_map"):
+            drop_tied_copies(model, staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         difference = None
-        if release_model:
+        if release_model and not hasattr(model, "hf_device_map"):  # offloaded models hold little memory
             model.to("meta")
         if verify:
-            reloaded = load_pruned(staging, dtype=torch.float32)
+            reloaded = load_pruned(staging, dtype=torch.float32, **(placement or {}))
             difference = max_logit_difference(expected, reloaded)
             check_nm_patterns(reloaded, nm_patterns)
             del reloaded

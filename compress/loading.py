@@ -169,36 +169,46 @@ def read_config(name: str, kind: str, trust_remote_code: bool = False) -> dict |
     return None
 
 
-def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, revision: str | None = None):
-    """(model, tokenizer) for a model name, in eval mode."""
+def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, revision: str | None = None,
+               placement: dict | None = None):
+    """(model, tokenizer) for a model name, in eval mode.
+
+    `placement`: accelerate big-model options passed to `from_pretrained` (`device_map`,
+    `max_memory`, `offload_folder`); layers that do not fit stay on disk (see compress.offload).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind = describe_source(name)
     torch_dtype = DTYPES[dtype]
+    placement = {k: v for k, v in (placement or {}).items() if v is not None}
     if kind == "gguf":
+        if placement:
+            raise UserError("device_map / max_memory need a safetensors model; GGUF files are loaded whole "
+                            "(run once without them: the built-in models are cached as safetensors)")
         model, tokenizer = _load_gguf(Path(name).expanduser(), torch_dtype)
         return model.eval(), tokenizer
     folder = str(builtin_folder(name)) if kind == "builtin" else name
     if kind != "hub" and "per_layer_config" in json.loads((Path(folder).expanduser() / "config.json").read_text()):
-        model = load_pruned(folder, dtype=torch_dtype)
+        model = load_pruned(folder, dtype=torch_dtype, **placement)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True,
-                                                         trust_remote_code=trust_remote_code, revision=revision)
+                                                         trust_remote_code=trust_remote_code, revision=revision,
+                                                         **placement)
         except OSError as err:
             raise UserError(f"cannot load model '{name}': {str(err).splitlines()[0]}") from err
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, revision=revision)
     return model.eval(), tokenizer
 
 
-def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32):
+def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32, **placement):
     """Load a checkpoint written by compress, uniform or per-layer, without running code from it."""
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     if "per_layer_config" not in config:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True).eval()
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, **placement).eval()
     from compress.modeling_pruned import make_classes
 
     base = config.get("compress_base") or {}
@@ -206,4 +216,4 @@ def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32):
         raise UserError(f"{folder}/config.json has per_layer_config but no compress_base entry; "
                         f"it was not written by compress")
     _, model_class = make_classes(base["module"], base["model_class"], base["config_class"])
-    return model_class.from_pretrained(folder, dtype=dtype, use_safetensors=True).eval()
+    return model_class.from_pretrained(folder, dtype=dtype, use_safetensors=True, **placement).eval()

@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import resource
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,7 @@ from compress.loading import describe_source, load_model, read_config
 from compress.memory import return_freed_memory_promptly
 from compress.methods import METHODS
 from compress.methods.base import StageContext
+from compress.offload import is_offloaded, onloaded
 from compress.recipe import EvalConfig, ModelConfig, Recipe, dump_recipe
 from compress.slicing import decoder_linear_params
 from compress.workdir import WorkFolder, recipe_fingerprint
@@ -37,10 +39,11 @@ from compress.workdir import WorkFolder, recipe_fingerprint
 def decoder_zero_fraction(adapter) -> float:
     """Fraction of exact zeros in the decoder linears (what weight-level masks produce)."""
     zeros = total = 0
-    for layer in adapter.layers():
-        for linear in adapter.decoder_linears(layer).values():
-            zeros += int((linear.weight == 0).sum())
-            total += linear.weight.numel()
+    for index, layer in enumerate(adapter.layers()):
+        with onloaded(layer, adapter.offload_store, f"layer-{index:04d}", write_back=False):
+            for linear in adapter.decoder_linears(layer).values():
+                zeros += int((linear.weight == 0).sum())
+                total += linear.weight.numel()
     return zeros / total
 
 
@@ -256,7 +259,20 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
 
     The pruned model's weights are released once written (`release_model`), so the reload check
     never holds two models; load the result with `compress.load(output)`.
+    With `model.device_map` / `model.max_memory`, layers that do not fit stay on disk and are
+    handled one at a time (compress.offload); their working copies live in a temporary folder
+    under `model.offload_folder` (default: the system's temporary folder), removed at the end.
     """
+    if not recipe.model.offloading:
+        return _run(recipe, progress, log, export, release_model, None)
+    parent = Path(recipe.model.offload_folder).expanduser() if recipe.model.offload_folder else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="compress-offload-", dir=parent) as store:
+        return _run(recipe, progress, log, export, release_model, Path(store))
+
+
+def _run(recipe: Recipe, progress: bool, log, export: bool, release_model: bool, store: Path | None) -> dict:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     output = preflight(recipe, export)
@@ -268,10 +284,20 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
 
     start = time.perf_counter()
     log(f"loading {recipe.model.name}")
+    placement = None
+    if store is not None:
+        max_memory = dict(recipe.model.max_memory) if recipe.model.max_memory else None  # accelerate edits it
+        placement = {"device_map": recipe.model.device_map or "auto", "max_memory": max_memory,
+                     "offload_folder": str(store / "accelerate")}
     model, tokenizer = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code,
-                                  recipe.model.revision)
+                                  recipe.model.revision, placement)
     adapter = get_adapter(model)
     adapter.check_supported()
+    if store is not None:
+        model.compress_offload_store = store / "layers"
+        on_disk = sum(is_offloaded(layer) for layer in adapter.layers())
+        log(f"{on_disk} of {adapter.num_layers()} decoder layers on disk; each is read into memory only while "
+            f"it is calibrated and pruned")
     seconds["load"] = time.perf_counter() - start
     peak_by_phase["load"] = peak_rss_mib()
 
@@ -404,7 +430,7 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
         write_checkpoint(model, tokenizer, adapter, output, overwrite=recipe.export.overwrite,
                          max_shard_size=recipe.export.max_shard_size, finalize=finalize,
                          verify=recipe.export.verify, tolerance=recipe.export.verify_tolerance,
-                         release_model=release_model, nm_patterns=nm_patterns(recipe))
+                         release_model=release_model, nm_patterns=nm_patterns(recipe), placement=placement)
         if work is not None:
             work.remove()
     report["peak_rss_mib"] = peak_rss_mib()

@@ -33,6 +33,15 @@ class ModelConfig(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     revision: str | None = None
     trust_remote_code: bool = False
+    device_map: str | dict[str, str | int] | None = Field(
+        None, description="accelerate device map: 'auto', or module name -> 'cpu' / 'disk' / GPU index")
+    max_memory: dict[str | int, str | int] | None = Field(
+        None, description="memory per device for device_map=auto, e.g. {cpu: 2GiB, 0: 70GiB}; the rest goes to disk")
+    offload_folder: str | None = Field(None, description="folder for disk-offloaded layers (default: beside the output)")
+
+    @property
+    def offloading(self) -> bool:
+        return self.device_map is not None or self.max_memory is not None
 
 
 class CalibrationConfig(Strict):

@@ -42,6 +42,7 @@ from compress.config_base import StageConfig, Strict
 from compress.errors import UserError
 from compress.methods import register
 from compress.methods.base import Method, StageContext
+from compress.offload import is_offloaded
 
 DEFAULT_TEXT = "../shared/data/wikitext-2/wiki.valid.tokens"
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -152,6 +153,10 @@ class LoraRecovery(Method):
 
         cfg, adapter = self.config, ctx.adapter
         model = adapter.model
+        if adapter.offload_store is not None and any(is_offloaded(layer) for layer in adapter.layers()):
+            raise UserError("the lora stage trains the whole model at once: it needs every layer in memory or on a "
+                            "GPU, not on disk; drop max_memory/device_map for this recipe or export first and "
+                            "fine-tune the checkpoint on a larger machine")
         if ctx.tokenizer is None:
             raise UserError("the lora stage needs the model's tokenizer")
         steps = cfg.total_steps

@@ -127,10 +127,12 @@ class StageFolder:
     # ---- the finished stage -------------------------------------------------------------------
     def save_result(self, adapter, details: dict) -> None:
         """Every layer's decoder linears (one file per layer, so memory stays flat), then the marker."""
+        from compress.offload import onloaded
         from compress.slicing import layer_linear_tensors
 
         for index, layer in enumerate(adapter.layers()):
-            self.save(f"final-{index:04d}", layer_linear_tensors(adapter, layer))
+            with onloaded(layer, adapter.offload_store, f"layer-{index:04d}", write_back=False):
+                self.save(f"final-{index:04d}", layer_linear_tensors(adapter, layer))
         self.save("result", {}, {"details": details})
         for pattern in ("layer-*.safetensors", "compensation-*.safetensors", "hidden.safetensors"):
             for path in self.path.glob(pattern):
@@ -153,13 +155,15 @@ class StageFolder:
 
     def restore_result(self, adapter) -> dict | None:
         """Put a finished stage's layers into the model; its report details, or None if unfinished."""
+        from compress.offload import onloaded
         from compress.slicing import set_layer_linears
 
         marker = self.load("result")
         if marker is None:
             return None
         for index, layer in enumerate(adapter.layers()):
-            set_layer_linears(adapter, layer, self.load(f"final-{index:04d}")[0])
+            with onloaded(layer, adapter.offload_store, f"layer-{index:04d}"):
+                set_layer_linears(adapter, layer, self.load(f"final-{index:04d}")[0])
         return marker[1]["details"]
 
 

@@ -40,6 +40,20 @@ ROWS = {
     "gblm_50": "recipe=gblm_50",
     "gblm_2_4": "recipe=gblm_50 pattern=2:4",
     "flap_20_wanda_2_4": "recipe=flap_20_wanda_2_4",
+    "wanda_2_4_dense_inputs": "recipe=wanda_50 pattern=2:4 stages.0.inputs=dense",
+    "gblm_50_dense_inputs": "recipe=gblm_50 stages.0.inputs=dense",
+    "gblm_2_4_dense_inputs": "recipe=gblm_50 pattern=2:4 stages.0.inputs=dense",
+    # CFSP (structured)
+    "cfsp_20": "recipe=cfsp_20",
+    "cfsp_50": "recipe=cfsp_20 sparsity=0.5",
+    "cfsp_20_both": "recipe=cfsp_20 stages.0.targets=both",
+    "cfsp_50_both": "recipe=cfsp_20 sparsity=0.5 stages.0.targets=both",
+    "cfsp_20_released": "recipe=cfsp_20 stages.0.score=released stages.0.compensation=none",
+    # recovery (LoRA, 200 steps x 8 x 256 tokens of wiki.valid.tokens)
+    "flap_50_lora": "recipe=flap_50_lora",
+    "cfsp_50_lora": "recipe=flap_50_lora stages.0.method=cfsp",
+    "cfsp_50_lora_importance": "recipe=flap_50_lora stages.0.method=cfsp stages.1.rank_allocation=importance",
+    "wanda_2_4_lora": "recipe=flap_50_lora \"stages.0={method: wanda, pattern: '2:4'}\"",
 }
 
 
@@ -52,6 +66,12 @@ def run_row(name: str) -> str:
     rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
     report = json.loads((output / "report.json").read_text())
     ppl, speed = report["ppl"], report["speed"]
+    recovery = next((stage for stage in report["stages"] if "ppl_before" in stage), None)
+    if recovery is not None:
+        return (f"| {name} | {report['sparsity']['achieved_decoder_linear']:.2%} | {ppl['dense']:.2f} | "
+                f"{recovery['ppl_before']:.2f} | {ppl['pruned']:.2f} | {recovery['trainable_params']:,} | "
+                f"{recovery['train_seconds'] / 60:.1f} | {report['seconds']['prune'] / 60:.1f} | "
+                f"{rss_kib / 1024:,.0f} | `{command}` |")
     if any("pattern" in stage for stage in report["stages"]):
         return (f"| {name} | {report['sparsity']['achieved_decoder_linear']:.2%} | "
                 f"{report['sparsity']['zero_fraction_decoder_linear']:.2%} | {ppl['dense']:.2f} | "
@@ -66,6 +86,8 @@ if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     print("structured rows: | row | sparsity | params | dense ppl | pruned ppl | prune s | peak RSS MiB | "
           "speed fwd / gen | command |")
+    print("recovery rows: | row | sparsity | dense ppl | before | after | LoRA params | train min | whole prune+train "
+          "min | peak RSS MiB | command |")
     print("weight-level rows: | row | params removed | zeros in decoder linears | dense ppl | pruned ppl | prune s | "
           "peak RSS MiB | command |")
     for row in sys.argv[1:] or ROWS:

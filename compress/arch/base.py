@@ -65,6 +65,11 @@ class Adapter:
         self.model = model
         self.config = model.config
 
+    @property
+    def offload_store(self):
+        """Folder where disk-offloaded layers go after being handled (set by the pipeline), or None."""
+        return getattr(self.model, "compress_offload_store", None)
+
     # ---- structure -------------------------------------------------------------------------
     def layers(self) -> nn.ModuleList:
         return self.model.get_submodule(self.layers_path)

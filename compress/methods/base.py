@@ -26,6 +26,7 @@ from torch import nn
 from compress.allocation import UnitScores, round_widths
 from compress.arch.base import Adapter
 from compress.config_base import StageConfig
+from compress.offload import onloaded
 from compress.slicing import (LeastSquaresCompensation, MeanCompensation, attention_unit_params,
                               layer_linear_tensors, mlp_unit_params, set_layer_linears, slice_attention, slice_mlp)
 from compress.stats import ChannelStats, input_stats
@@ -167,7 +168,8 @@ class StructuredMethod(Method):
             for index in range(depth):
                 tensors, meta = folder.load_layer(index)
                 if self.sequential:
-                    set_layer_linears(adapter, adapter.layers()[index], tensors)
+                    with onloaded(adapter.layers()[index], adapter.offload_store, f"layer-{index:04d}"):
+                        set_layer_linears(adapter, adapter.layers()[index], tensors)
                 else:
                     scores[index] = self._scores_from(index, tensors, meta, work_dir)
             capture.resume(depth, hidden)
@@ -194,7 +196,8 @@ class StructuredMethod(Method):
         if not self.sequential:
             keep = self.decide(scores)
             for index, layer in enumerate(adapter.layers()):
-                self.apply(adapter, index, layer, keep, scores[index])
+                with onloaded(layer, adapter.offload_store, f"layer-{index:04d}"):
+                    self.apply(adapter, index, layer, keep, scores[index])
         return self.report_details(scores)
 
     def _scores_to(self, layer_scores: LayerScores) -> tuple[dict, dict]:
@@ -254,7 +257,8 @@ class WeightMethod(Method):
         if not self.uses_activations:
             for index, layer in enumerate(adapter.layers()):
                 if resume is None or index >= resume[0]:
-                    yield index, layer, {}
+                    with onloaded(layer, adapter.offload_store, f"layer-{index:04d}"):
+                        yield index, layer, {}
             return
         capture = ctx.new_capture(1 if advance else 2)
         if resume is not None:
@@ -300,7 +304,8 @@ class WeightMethod(Method):
             depth, hidden, _ = resume
             for index in range(depth):
                 tensors, meta = folder.load_layer(index)
-                set_layer_linears(adapter, adapter.layers()[index], tensors)
+                with onloaded(adapter.layers()[index], adapter.offload_store, f"layer-{index:04d}"):
+                    set_layer_linears(adapter, adapter.layers()[index], tensors)
                 zeros.update(meta["zeros"])
             resume = (depth, hidden)
             ctx.log(f"resuming at layer {depth} from {folder.path}")
