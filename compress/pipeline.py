@@ -31,6 +31,7 @@ from compress.memory import return_freed_memory_promptly
 from compress.methods import METHODS
 from compress.methods.base import StageContext
 from compress.offload import is_offloaded, onloaded
+from compress.processes import is_main_process
 from compress.recipe import EvalConfig, ModelConfig, Recipe, dump_recipe
 from compress.slicing import decoder_linear_params
 from compress.workdir import WorkFolder, recipe_fingerprint
@@ -308,6 +309,8 @@ def _run(recipe: Recipe, progress: bool, log, export: bool, release_model: bool,
     test_ids = None
     if recipe.eval.ppl != "none":
         test_ids = tokenize_text(tokenizer, Path(recipe.eval.text).expanduser().read_text(encoding="utf-8"))
+    if not is_main_process():  # under `accelerate launch`: the main process alone writes
+        export = False
     work = None
     if export and recipe.resume:
         work = WorkFolder(output.parent / f".{output.name}.work", recipe_fingerprint(recipe), log)

@@ -43,6 +43,7 @@ from compress.errors import UserError
 from compress.methods import register
 from compress.methods.base import Method, StageContext
 from compress.offload import is_offloaded
+from compress.processes import on_cpu
 
 DEFAULT_TEXT = "../shared/data/wikitext-2/wiki.valid.tokens"
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -146,6 +147,7 @@ class LoraRecovery(Method):
 
     def run(self, ctx: StageContext) -> dict:
         from peft import LoraConfig as PeftLoraConfig
+        from accelerate import Accelerator
         from peft import get_peft_model, get_peft_model_state_dict
 
         from calibration.data import sample_windows, tokenize_text
@@ -205,22 +207,29 @@ class LoraRecovery(Method):
         parameters = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, steps))
-        device = next(model.parameters()).device
+        # One process: plain training. Under `accelerate launch`: data-parallel, each process takes
+        # its share of every batch and gradients are averaged (same updates as one big process).
+        accelerator = Accelerator(cpu=on_cpu())
+        world, rank = accelerator.num_processes, accelerator.process_index
+        if cfg.batch_size % world:
+            raise UserError(f"recovery batch_size {cfg.batch_size} must be a multiple of the {world} processes")
+        train_model, optimizer = accelerator.prepare(peft_model, optimizer)
+        device = accelerator.device
         losses: list[float] = []
-        bar = ctx.make_bar("recovery", steps, "step") if ctx.make_bar else None
+        bar = ctx.make_bar("recovery", steps, "step") if ctx.make_bar and accelerator.is_main_process else None
         start = time.perf_counter()
-        peft_model.train()
+        train_model.train()
         generator = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(len(windows), generator=generator)
         try:
             for step in range(steps):
-                batch = windows[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]].to(device)
-                loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+                batch = windows[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]][rank::world].to(device)
+                loss = train_model(input_ids=batch, labels=batch, use_cache=False).loss
                 if not torch.isfinite(loss):
                     raise UserError(f"recovery loss became {loss.item()} at step {step}; lower learning_rate "
                                     f"(now {cfg.learning_rate:g}) or run in float32")
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -228,7 +237,7 @@ class LoraRecovery(Method):
                 if bar is not None:
                     elapsed = time.perf_counter() - start
                     bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}",
-                                    tok_s=f"{(step + 1) * batch.numel() / elapsed:.0f}")
+                                    tok_s=f"{(step + 1) * batch.numel() * world / elapsed:.0f}")
                     bar.update(1)
         finally:
             if bar is not None:
@@ -245,6 +254,7 @@ class LoraRecovery(Method):
             "loss_curve": [round(sum(losses[i:i + window]) / len(losses[i:i + window]), 4)
                            for i in range(0, steps, window)],
         })
+        peft_model = accelerator.unwrap_model(train_model)
         peft_model.eval()
         if cfg.merge:
             peft_model.merge_and_unload()

@@ -22,7 +22,9 @@ COMMON = "model=smollm2-135m --quiet --overwrite"
 ROWS = {
     "flap_20": "recipe=flap_20 eval.speed=true",
     "flap_20_full": "recipe=flap_20 ppl=full",
-    "flap_20_repeat": "recipe=flap_20",  # determinism: same safetensors bytes as flap_20
+    "flap_20_repeat": "recipe=flap_20",
+    "flap_20_offload": "recipe=flap_20 \"model.max_memory={cpu: 150MB}\"",  # layers on disk, same weights as flap_20
+    "wanda_2_4_offload": "recipe=wanda_50 pattern=2:4 \"model.max_memory={cpu: 150MB}\"",  # determinism: same safetensors bytes as flap_20
     "flap_20_bias": "recipe=flap_20 stages.0.compensation=bias",
     "flap_20_self": "recipe=flap_20 calibration=self",
     "flap_20_uniform": "recipe=flap_20 stages.0.uniform=true eval.speed=true",

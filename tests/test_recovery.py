@@ -101,3 +101,30 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 def test_tokens_set_the_number_of_steps():
     assert LoraConfig(tokens=10_000, batch_size=4, seq_len=256).total_steps == 10
     assert LoraConfig(steps=7).total_steps == 7
+
+
+def test_two_processes_train_data_parallel_like_one(tiny_recipe, text_files, tmp_path):
+    """`torchrun --nproc_per_node 2` (what `accelerate launch` starts): each process takes half of every batch,
+    gradients are averaged, only the main process writes; the result matches the one-process run."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    stage = lora_stage(text_files, steps=12, dropout=0.0)
+    args = ["recipe=flap_20", f"model={tiny_recipe['model']['name']}", f"calibration={text_files['calibration']}",
+            "calibration.num_samples=8", "calibration.seq_len=32", f"eval.text={text_files['test']}", "eval.seq_len=32",
+            "ppl=2", f"stages=[{{method: flap, sparsity: 0.3}}, {json.dumps(stage)}]", "--quiet"]
+    single = subprocess.run([sys.executable, str(root / "cli.py"), "run", *args, f"output={tmp_path / 'one'}"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(root / "cli.py"), "run", *args, f"output={tmp_path / 'two'}"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert double.returncode == 0, double.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["ppl"]["pruned"] == pytest.approx(one["ppl"]["pruned"], rel=1e-3)
+    assert two["ppl"]["pruned"] < two["stages"][1]["ppl_before"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no work folders left
