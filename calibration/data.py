@@ -16,51 +16,28 @@ from compress.errors import UserError
 
 
 def read_source_text(source: str, path: str | None = None, field: str = "text", dataset: str | None = None,
-                     dataset_config: str | None = None, split: str = "train") -> str:
-    """The calibration text of a `text`, `jsonl` or `hf` source, as one string."""
+                     dataset_config: str | None = None, split: str = "train", key: str = "calibration") -> str:
+    """The text of a `text`, `jsonl` or `hf` source, as one string (`key` names the recipe block in errors)."""
     if source == "text":
-        file = _existing_file(path, "calibration.path")
+        file = _existing_file(path, f"{key}.path")
         try:
             return file.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError) as err:
-            raise UserError(f"cannot read calibration text {file}: {err}; give a UTF-8 text file") from err
-    if source == "jsonl":
-        file = _existing_file(path, "calibration.path")
-        texts = []
-        with file.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{file}:{line_number} is not valid JSON ({err.msg}); fix the line") from err
-                if field not in record:
-                    raise UserError(f"{file}:{line_number} has no field '{field}'; set calibration.field")
-                texts.append(str(record[field]))
-        return "\n\n".join(texts)
-    if source == "hf":
-        if not dataset:
-            raise UserError("calibration.source=hf needs calibration.dataset (a Hugging Face dataset name)")
-        import datasets
-
-        try:
-            # `path` doubles as data_files, for the generic builders ("json", "text", "parquet").
-            rows = datasets.load_dataset(dataset, dataset_config, split=split, data_files=path or None)
-        except Exception as err:  # network, missing config, missing split: all user-fixable
-            raise UserError(f"cannot load dataset {dataset} ({dataset_config}, {split}): {err}") from err
-        if field not in rows.column_names:
-            raise UserError(f"dataset {dataset} has no column '{field}' (columns: {rows.column_names}); "
-                            f"set calibration.field")
-        return "\n\n".join(text for text in rows[field] if text)
-    raise UserError(f"unknown calibration source '{source}'")
+            raise UserError(f"cannot read {key} text {file}: {err}; give a UTF-8 text file") from err
+    texts = []
+    for where, record in read_records(source, path, dataset, dataset_config, split, key):
+        if field not in record:
+            raise UserError(f"{where} has no field '{field}'; set {key}.field")
+        if record[field]:
+            texts.append(str(record[field]))
+    return "\n\n".join(texts)
 
 
 def read_records(source: str, path: str | None = None, dataset: str | None = None,
-                 dataset_config: str | None = None, split: str = "train"):
-    """Records (dicts) of a `jsonl` file or a Hugging Face dataset, one at a time."""
+                 dataset_config: str | None = None, split: str = "train", key: str = "calibration"):
+    """(where, record) for every record of a `jsonl` file or a Hugging Face dataset; `where` locates it."""
     if source == "jsonl":
-        file = _existing_file(path, "data.path")
+        file = _existing_file(path, f"{key}.path")
         with file.open(encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, 1):
                 if not line.strip():
@@ -71,20 +48,22 @@ def read_records(source: str, path: str | None = None, dataset: str | None = Non
                     raise UserError(f"{file}:{line_number} is not valid JSON ({err.msg}); fix the line") from err
                 if not isinstance(record, dict):
                     raise UserError(f"{file}:{line_number} is not a JSON object")
-                yield record
+                yield f"{file}:{line_number}", record
         return
     if source == "hf":
         if not dataset:
-            raise UserError("source=hf needs a dataset name")
+            raise UserError(f"{key}.source=hf needs {key}.dataset (a Hugging Face dataset name)")
         import datasets
 
         try:
+            # `path` doubles as data_files, for the generic builders ("json", "text", "parquet").
             rows = datasets.load_dataset(dataset, dataset_config, split=split, data_files=path or None)
         except Exception as err:  # network, missing config, missing split: all user-fixable
             raise UserError(f"cannot load dataset {dataset} ({dataset_config}, {split}): {err}") from err
-        yield from rows
+        for number, row in enumerate(rows):
+            yield f"dataset {dataset} row {number}", row
         return
-    raise UserError(f"records need source jsonl or hf, not '{source}'")
+    raise UserError(f"unknown {key} source '{source}'")
 
 
 def _existing_file(path: str | None, key: str) -> Path:

@@ -107,16 +107,16 @@ def recovery_text(data: RecoveryDataConfig, eos: str | None) -> str:
     from calibration.data import read_source_text, read_records
 
     if data.template is None:
-        return read_source_text(data.source, data.path, data.field, data.dataset, data.dataset_config, data.split)
+        return read_source_text(data.source, data.path, data.field, data.dataset, data.dataset_config, data.split,
+                                key="data")
     if data.source == "text":
         raise UserError("recovery data.template formats records: use data.source=jsonl or hf")
     texts = []
-    for number, record in enumerate(read_records(data.source, data.path, data.dataset, data.dataset_config,
-                                                 data.split), 1):
+    for where, record in read_records(data.source, data.path, data.dataset, data.dataset_config, data.split, "data"):
         try:
             texts.append(data.template.format_map(record))
         except KeyError as err:
-            raise UserError(f"recovery record {number} has no field {err} used by data.template") from None
+            raise UserError(f"{where} has no field {err} used by data.template") from None
     return (eos or "\n\n").join(texts)
 
 

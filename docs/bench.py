@@ -55,13 +55,17 @@ ROWS = {
     "flap_50_lora": "recipe=flap_50_lora",
     "cfsp_50_lora": "recipe=flap_50_lora stages.0.method=cfsp",
     "cfsp_50_lora_importance": "recipe=flap_50_lora stages.0.method=cfsp stages.1.rank_allocation=importance",
+    # second architecture: Gemma-3-270M (1 KV head: FLAP keeps the attention and prunes the MLP)
+    "gemma_flap_20": "recipe=flap_20 model=gemma3-270m",
+    "gemma_wanda_2_4": "recipe=wanda_50 pattern=2:4 model=gemma3-270m",
     "wanda_2_4_lora": "recipe=flap_50_lora \"stages.0={method: wanda, pattern: '2:4'}\"",
 }
 
 
 def run_row(name: str) -> str:
     output = OUT / name
-    command = f"compress run {ROWS[name]} {COMMON} output={output}"
+    common = COMMON if " model=" not in f" {ROWS[name]}" else COMMON.replace("model=smollm2-135m ", "")
+    command = f"compress run {ROWS[name]} {common} output={output}"
     result = subprocess.run(["/usr/bin/time", "-v", *shlex.split(command)], capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stderr[-2000:]}")

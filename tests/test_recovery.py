@@ -128,3 +128,16 @@ def test_two_processes_train_data_parallel_like_one(tiny_recipe, text_files, tmp
     assert two["ppl"]["pruned"] == pytest.approx(one["ppl"]["pruned"], rel=1e-3)
     assert two["ppl"]["pruned"] < two["stages"][1]["ppl_before"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no work folders left
+
+
+def test_instruction_records_are_formatted_by_the_template(tmp_path):
+    from compress.errors import UserError
+    from compress.recovery import RecoveryDataConfig, recovery_text
+
+    data = tmp_path / "instructions.jsonl"
+    data.write_text('{"instruction": "Add 2 and 3.", "output": "5"}\n\n{"instruction": "Say hi.", "output": "hi"}\n')
+    config = RecoveryDataConfig(source="jsonl", path=str(data), template="Q: {instruction}\nA: {output}")
+    assert recovery_text(config, "</s>") == "Q: Add 2 and 3.\nA: 5</s>Q: Say hi.\nA: hi"
+    broken = RecoveryDataConfig(source="jsonl", path=str(data), template="{question}")
+    with pytest.raises(UserError, match=r"instructions.jsonl:1 has no field 'question'"):
+        recovery_text(broken, "</s>")
