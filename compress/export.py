@@ -95,7 +95,7 @@ def _write_uniform(model, adapter: Adapter, layout: list[dict], folder: Path, ma
                 setattr(config, adapter.bias_flags[kind], True)
     config.num_attention_heads = first["num_attention_heads"]
     config.num_key_value_heads = first["num_key_value_heads"]
-    config.intermediate_size = first["intermediate_size"]
+    setattr(config, adapter.width_key, first["intermediate_size"])
     if getattr(config, "head_dim", None) is None:
         config.head_dim = adapter.head_dim()
     model.save_pretrained(folder, max_shard_size=max_shard_size)
@@ -191,8 +191,9 @@ def max_logit_difference(expected: torch.Tensor, reloaded) -> float:
     return float((expected - reference_logits(reloaded)).abs().max())
 
 
-def check_nm_patterns(model, patterns: tuple[tuple[int, int], ...]) -> None:
-    """Raise if any decoder linear of `model` breaks one of the N:M patterns."""
+def check_nm_patterns(model, patterns: tuple[tuple[int, int], ...], exempt: frozenset[str] = frozenset()) -> None:
+    """Raise if any decoder linear of `model` breaks one of the N:M patterns (`exempt`: `layers.I.NAME` keys of
+    linears left as they were, e.g. experts that received no calibration tokens)."""
     from compress.arch import get_adapter
     from compress.masks import follows_nm
 
@@ -204,6 +205,8 @@ def check_nm_patterns(model, patterns: tuple[tuple[int, int], ...]) -> None:
     for index, layer in enumerate(adapter.layers()):
         with onloaded(layer, None, write_back=False):
             for name, linear in adapter.decoder_linears(layer).items():
+                if f"layers.{index}.{name}" in exempt:
+                    continue
                 for n, m in patterns:
                     if not follows_nm(linear.weight, n, m):
                         raise RuntimeError(f"saved layers.{index}.{name} does not follow the {n}:{m} pattern; "
@@ -230,7 +233,8 @@ def _process_alive(pid: int) -> bool:
 
 def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwrite: bool, max_shard_size: str,
                      finalize=None, verify: bool = True, tolerance: float = 1e-4, release_model: bool = False,
-                     nm_patterns: tuple[tuple[int, int], ...] = (), placement: dict | None = None) -> dict:
+                     nm_patterns: tuple[tuple[int, int], ...] = (), placement: dict | None = None,
+                     nm_exempt: frozenset[str] = frozenset()) -> dict:
     """Write, reload, compare, add `finalize(facts)` files (report, card), then move into place.
 
     `nm_patterns`: N:M patterns the decoder linears must follow; checked on the reloaded weights.
@@ -263,7 +267,7 @@ def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwr
         if verify:
             reloaded = load_pruned(staging, dtype=torch.float32, **(placement or {}))
             difference = max_logit_difference(expected, reloaded)
-            check_nm_patterns(reloaded, nm_patterns)
+            check_nm_patterns(reloaded, nm_patterns, nm_exempt)
             del reloaded
             if not difference < tolerance:
                 raise RuntimeError(f"reloaded checkpoint differs from the pruned model: max |logit difference| "
@@ -272,6 +276,8 @@ def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwr
                  "trust_remote_code_needed": not stock}
         if verify and nm_patterns:
             facts["nm_pattern_verified"] = [f"{n}:{m}" for n, m in nm_patterns]
+            if nm_exempt:
+                facts["nm_pattern_exempt"] = sorted(nm_exempt)  # left as they were (no calibration tokens)
         if finalize is not None:
             for name, content in finalize(facts).items():
                 target = staging / name

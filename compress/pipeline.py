@@ -180,11 +180,25 @@ def check_mlp_only_budgets(recipe: Recipe, config: dict | None) -> None:
                             f"sparsity")
 
 
+def check_moe_stages(recipe: Recipe, config: dict | None) -> None:
+    """Mixture-of-experts models take weight-level stages only (for now): refused before loading."""
+    from compress.arch.base import _REGISTRY
+
+    adapter = _REGISTRY.get((config or {}).get("model_type"))
+    if adapter is None or not adapter.is_moe:
+        return
+    for number, stage in enumerate(recipe.stages):
+        if hasattr(stage, "round_to") or stage.method == "gblm":
+            raise UserError(f"stage {number} ({stage.method}) does not support mixture-of-experts models yet "
+                            f"({config['model_type']}): use wanda or magnitude (unstructured or N:M) on this model")
+
+
 def check_stage_order(recipe: Recipe, config: dict | None) -> None:
     """N:M stages need every input width to be a multiple of M, including widths earlier stages chose."""
     from compress.masks import parse_pattern
 
     check_mlp_only_budgets(recipe, config)
+    check_moe_stages(recipe, config)
     for number, stage in enumerate(recipe.stages):
         nm = parse_pattern(stage.pattern) if hasattr(stage, "pattern") else None
         if nm is None:
@@ -195,7 +209,7 @@ def check_stage_order(recipe: Recipe, config: dict | None) -> None:
             heads = text.get("num_attention_heads")
             head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads if heads else 0)
             widths = {"hidden_size": text.get("hidden_size"), "intermediate_size": text.get("intermediate_size"),
-                      "head_dim": head_dim or None}
+                      "moe_intermediate_size": text.get("moe_intermediate_size"), "head_dim": head_dim or None}
             for name, width in widths.items():
                 if isinstance(width, int) and width % m:
                     raise UserError(f"stage {number} ({stage.method} {stage.pattern}): the model's {name} {width} is "
@@ -433,7 +447,9 @@ def _run(recipe: Recipe, progress: bool, log, export: bool, release_model: bool,
         write_checkpoint(model, tokenizer, adapter, output, overwrite=recipe.export.overwrite,
                          max_shard_size=recipe.export.max_shard_size, finalize=finalize,
                          verify=recipe.export.verify, tolerance=recipe.export.verify_tolerance,
-                         release_model=release_model, nm_patterns=nm_patterns(recipe), placement=placement)
+                         release_model=release_model, nm_patterns=nm_patterns(recipe), placement=placement,
+                         nm_exempt=frozenset(key for stage in stage_reports
+                                             for key in stage.get("untouched_no_calibration_tokens", [])))
         if work is not None:
             work.remove()
     report["peak_rss_mib"] = peak_rss_mib()

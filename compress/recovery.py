@@ -275,7 +275,10 @@ class LoraRecovery(Method):
             with torch.no_grad():
                 for key, linear in linears.items():
                     linear.weight.mul_(masks[key].to(linear.weight.dtype))
+            exempt = {key for stage in ctx.previous for key in stage.get("untouched_no_calibration_tokens", [])}
             for key, linear in linears.items():
+                if key in exempt:
+                    continue
                 for n, m in patterns:
                     if not follows_nm(linear.weight, n, m):
                         raise RuntimeError(f"{key} lost its {n}:{m} pattern after recovery")

@@ -93,11 +93,13 @@ def tiny_recipe(tiny_model_dir, text_files, tmp_path):
 
 
 TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+TINY_MOE_ARCHITECTURES = ("mixtral", "qwen3_moe", "olmoe")
 
 
 def tiny_model(model_type: str, seed: int = 0):
     """A tiny random causal LM of one supported architecture (GQA, explicit head_dim), built in-process."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, MixtralConfig, OlmoeConfig,
+                              Qwen2Config, Qwen3Config, Qwen3MoeConfig)
 
     common = dict(vocab_size=320, hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True)
@@ -110,6 +112,11 @@ def tiny_model(model_type: str, seed: int = 0):
         "gemma3_text": lambda: Gemma3TextConfig(**{**common, "num_attention_heads": 4, "num_key_value_heads": 1,
                                                    "head_dim": 32}, sliding_window=8,
                                                 layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+        # mixture of experts: 4 experts, 2 per token, fused 3-D expert tensors
+        "mixtral": lambda: MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
+        "qwen3_moe": lambda: Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64),
+        "olmoe": lambda: OlmoeConfig(**{k: v for k, v in common.items() if k != "head_dim"}, num_experts=4,
+                                     num_experts_per_tok=2, eos_token_id=2, pad_token_id=1, bos_token_id=None),
     }
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(configs[model_type]()).eval()

@@ -10,5 +10,6 @@ from compress.arch import mistral as _mistral  # noqa: F401
 from compress.arch import qwen2 as _qwen2  # noqa: F401
 from compress.arch import qwen3 as _qwen3  # noqa: F401
 from compress.arch import gemma3 as _gemma3  # noqa: F401
+from compress.arch import moe as _moe  # noqa: F401
 
 __all__ = ["Adapter", "register_adapter", "get_adapter", "supported_model_types"]

@@ -47,6 +47,8 @@ class Adapter:
     """Names and shapes of one architecture family. Subclasses set the attribute names."""
 
     model_types: tuple[str, ...] = ()
+    is_moe = False  # mixture-of-experts MLPs (compress.arch.moe)
+    width_key = "intermediate_size"  # config key of the MLP width
     layers_path = "model.layers"
     attention_name = "self_attn"
     q_name, k_name, v_name, o_name = "q_proj", "k_proj", "v_proj", "o_proj"
@@ -113,7 +115,7 @@ class Adapter:
             f"{m}.{self.down_name}": self.down_proj(layer),
         }
 
-    def input_groups(self) -> list[list[str]]:
+    def input_groups(self, layer: nn.Module | None = None) -> list[list[str]]:
         """Names of `decoder_linears` that read the same input, groups in execution order (one statistic per group)."""
         a, m = self.attention_name, self.mlp_name
         return [[f"{a}.{self.q_name}", f"{a}.{self.k_name}", f"{a}.{self.v_name}"], [f"{a}.{self.o_name}"],

@@ -152,6 +152,8 @@ class StructuredMethod(Method):
             slice_mlp(adapter, layer, channels, scores.compensation.get("mlp"))
 
     def run(self, ctx: StageContext) -> dict:
+        if ctx.adapter.is_moe:
+            ctx.adapter.require_dense(f"structured pruning ({self.name})")
         if ctx.folder is None and self.compensation_mode() == "least_squares" and not self.sequential:
             with tempfile.TemporaryDirectory(prefix="compress-work-") as work_dir:
                 return self._run(ctx, Path(work_dir))
@@ -265,7 +267,7 @@ class WeightMethod(Method):
             capture.resume(*resume)
         for index, layer in capture.layers():
             linears = adapter.decoder_linears(layer)
-            groups = adapter.input_groups()
+            groups = adapter.input_groups(layer)
             with input_stats({group[0]: linears[group[0]] for group in groups}, where=f"decoder layer {index}") as shared:
                 # a statistics-only pass stops once the last linear's input is seen
                 capture.forward(index, layer, advance=advance, stop_at=None if advance else linears[groups[-1][0]])
@@ -317,16 +319,24 @@ class WeightMethod(Method):
                 folder.save_layer(index, layer_linear_tensors(adapter, layer), {"zeros": {n: zeros[n] for n in names}})
                 folder.checkpoint_hidden(index + 1, capture.hidden)
 
+        untouched: list[str] = []
         group = getattr(cfg, "group", self.mask_group)
         dense_inputs = getattr(cfg, "inputs", "sequential") == "dense"
         for index, layer, stats in self.layer_statistics(ctx, advance=dense_inputs, resume=resume,
                                                          after_layer=save_progress):
             sparsity = cfg.sparsity if sparsities is None else sparsities[index]
             for name, linear in adapter.decoder_linears(layer).items():
+                if name in stats and stats[name].count == 0:  # an expert the router never chose
+                    untouched.append(f"layers.{index}.{name}")
+                    zeros[f"layers.{index}.{name}"] = zero_fraction(linear.weight)
+                    continue
                 scores = self.linear_scores(index, name, linear, stats.get(name))
                 apply_mask(linear, make_mask(scores, sparsity, cfg.pattern, group))
                 zeros[f"layers.{index}.{name}"] = zero_fraction(linear.weight)
         details = {"pattern": cfg.pattern, "zero_fraction_per_linear": zeros}
+        if untouched:
+            details["untouched_no_calibration_tokens"] = untouched
+            ctx.log(f"{len(untouched)} expert linears received no calibration tokens and were left as they are")
         if sparsities is not None:
             details["layer_sparsity"] = sparsities
         return details

@@ -1,0 +1,164 @@
+"""Mixture-of-experts decoders (Mixtral, Qwen3-MoE, OLMoE): attention as in Llama, and an MLP made of
+a router (`mlp.gate`) and experts stored as fused 3-D tensors (transformers 5.x):
+`mlp.experts.gate_up_proj` [experts, 2 x width, hidden] (gate rows first) and
+`mlp.experts.down_proj` [experts, hidden, width].
+
+To the shared code every expert looks like a dense gated MLP: `ExpertLinear` is one expert's
+gate, up or down projection, a view into the fused tensor (so masks written through it land in
+the checkpoint's own tensors). The experts' forward is replaced by an equivalent routed loop that
+calls these views, so the capture's statistic hooks see exactly the tokens the router sends to
+each expert (weighted sums and routing unchanged). An expert that receives no calibration token
+has no statistics: weight-level methods leave it as it is and report it. The router is never
+touched here.
+
+Weight-level methods (Wanda, magnitude, with OWL and N:M) work on experts; removing expert
+channels or whole experts (structured methods, STUN) is not supported yet and is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compress.arch.base import Adapter, register_adapter
+from compress.errors import UserError
+
+
+class ExpertLinear(nn.Module):
+    """One expert's gate, up or down projection: a view into the fused expert tensor (no bias)."""
+
+    bias = None
+
+    def __init__(self, experts: nn.Module, parameter: str, expert: int, rows: slice | None = None):
+        super().__init__()
+        object.__setattr__(self, "_experts", experts)  # a reference, not a registered submodule
+        self.parameter, self.expert, self.rows = parameter, expert, rows
+
+    @property
+    def weight(self) -> torch.Tensor:
+        fused = getattr(self._experts, self.parameter)[self.expert]
+        return fused if self.rows is None else fused[self.rows]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def expert_linears(experts: nn.Module) -> list[tuple[ExpertLinear, ExpertLinear, ExpertLinear]]:
+    """(gate, up, down) views of every expert, created once per experts module."""
+    cached = experts.__dict__.get("_compress_linears")
+    if cached is None:
+        width = experts.down_proj.shape[-1]
+        cached = [(ExpertLinear(experts, "gate_up_proj", e, slice(0, width)),
+                   ExpertLinear(experts, "gate_up_proj", e, slice(width, 2 * width)),
+                   ExpertLinear(experts, "down_proj", e)) for e in range(experts.gate_up_proj.shape[0])]
+        experts.__dict__["_compress_linears"] = cached
+        experts.forward = _routed_forward(experts, cached)
+    return cached
+
+
+def _routed_forward(experts: nn.Module, linears):
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        final = torch.zeros_like(hidden_states)
+        for expert, (gate, up, down) in enumerate(linears):
+            token_index, position = torch.where(top_k_index == expert)
+            if token_index.numel() == 0:
+                continue
+            state = hidden_states[token_index]
+            output = down(experts.act_fn(gate(state)) * up(state)) * top_k_weights[token_index, position, None]
+            final.index_add_(0, token_index, output.to(final.dtype))
+        return final
+    return forward
+
+
+class MoeAdapter(Adapter):
+    """Attention like Llama; the MLP of a layer is its experts (dense layers, if any, stay dense)."""
+
+    is_moe = True
+    bias_flags: dict[str, str] = {}
+    width_key = "intermediate_size"  # config key of one expert's width
+
+    def experts(self, layer: nn.Module) -> nn.Module | None:
+        return getattr(self.mlp(layer), "experts", None)
+
+    def decoder_linears(self, layer: nn.Module) -> dict[str, nn.Module]:
+        experts = self.experts(layer)
+        if experts is None:
+            return super().decoder_linears(layer)
+        a = self.attention_name
+        linears = {f"{a}.{self.q_name}": self.qkv(layer)[0], f"{a}.{self.k_name}": self.qkv(layer)[1],
+                   f"{a}.{self.v_name}": self.qkv(layer)[2], f"{a}.{self.o_name}": self.o_proj(layer)}
+        for e, (gate, up, down) in enumerate(expert_linears(experts)):
+            linears.update({f"{self.mlp_name}.experts.{e}.gate_proj": gate, f"{self.mlp_name}.experts.{e}.up_proj": up,
+                            f"{self.mlp_name}.experts.{e}.down_proj": down})
+        return linears
+
+    def input_groups(self, layer: nn.Module | None = None) -> list[list[str]]:
+        if layer is None or self.experts(layer) is None:
+            return super().input_groups()
+        a, m = self.attention_name, self.mlp_name
+        groups = [[f"{a}.{self.q_name}", f"{a}.{self.k_name}", f"{a}.{self.v_name}"], [f"{a}.{self.o_name}"]]
+        for e in range(len(expert_linears(self.experts(layer)))):
+            groups += [[f"{m}.experts.{e}.gate_proj", f"{m}.experts.{e}.up_proj"], [f"{m}.experts.{e}.down_proj"]]
+        return groups
+
+    def gate_up(self, layer: nn.Module):
+        """The first expert's gate and up views (every expert has the same shapes, and no biases)."""
+        experts = self.experts(layer)
+        return expert_linears(experts)[0][:2] if experts is not None else super().gate_up(layer)
+
+    def down_proj(self, layer: nn.Module):
+        experts = self.experts(layer)
+        return expert_linears(experts)[0][2] if experts is not None else super().down_proj(layer)
+
+    def intermediate_size(self, layer: nn.Module) -> int:
+        experts = self.experts(layer)
+        return experts.down_proj.shape[-1] if experts is not None else super().intermediate_size(layer)
+
+    def check_supported(self) -> None:
+        for index, layer in enumerate(self.layers()):
+            experts = self.experts(layer)
+            if experts is None:
+                continue
+            fused = (getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None))
+            if any(not isinstance(t, torch.Tensor) or t.dim() != 3 for t in fused):
+                raise UserError(f"layer {index}: the experts are not stored as fused 3-D tensors "
+                                f"(gate_up_proj / down_proj); this transformers version's layout is not supported")
+
+    def require_dense(self, what: str) -> None:
+        raise UserError(f"{what} does not support mixture-of-experts models yet ({self.config.model_type}): "
+                        f"use a weight-level method (wanda, magnitude; unstructured or N:M) on this model")
+
+
+@register_adapter
+class MixtralAdapter(MoeAdapter):
+    model_types = ("mixtral",)
+    transformers_module = "transformers.models.mixtral.modeling_mixtral"
+    model_class = "MixtralForCausalLM"
+    config_class = "MixtralConfig"
+
+
+@register_adapter
+class Qwen3MoeAdapter(MoeAdapter):
+    model_types = ("qwen3_moe",)
+    bias_flags = {"attention": "attention_bias"}
+    width_key = "moe_intermediate_size"
+    transformers_module = "transformers.models.qwen3_moe.modeling_qwen3_moe"
+    model_class = "Qwen3MoeForCausalLM"
+    config_class = "Qwen3MoeConfig"
+
+
+@register_adapter
+class OlmoeAdapter(MoeAdapter):
+    model_types = ("olmoe",)
+    transformers_module = "transformers.models.olmoe.modeling_olmoe"
+    model_class = "OlmoeForCausalLM"
+    config_class = "OlmoeConfig"
