@@ -84,3 +84,17 @@ def return_freed_memory_promptly(threshold_bytes: int = 16 << 20) -> bool:
             _libc.mallopt(_M_TRIM_THRESHOLD, 4 * threshold_bytes))
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+def trim_heap() -> None:
+    """Give free heap memory back to the operating system now (glibc `malloc_trim`; no-op elsewhere)."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -309,6 +309,9 @@ def _run(recipe: Recipe, progress: bool, log, export: bool, release_model: bool,
     adapter = get_adapter(model)
     adapter.check_supported()
     if store is not None:
+        from compress.offload import OFFLOAD_MMAP_THRESHOLD
+
+        return_freed_memory_promptly(OFFLOAD_MMAP_THRESHOLD)
         model.compress_offload_store = store / "layers"
         on_disk = sum(is_offloaded(layer) for layer in adapter.layers())
         log(f"{on_disk} of {adapter.num_layers()} decoder layers on disk; each is read into memory only while "

@@ -9,6 +9,7 @@ figures come from the run's report.json. Outputs go to $BENCH_DIR (default /tmp/
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,8 +24,11 @@ ROWS = {
     "flap_20": "recipe=flap_20 eval.speed=true",
     "flap_20_full": "recipe=flap_20 ppl=full",
     "flap_20_repeat": "recipe=flap_20",
-    "flap_20_offload": "recipe=flap_20 \"model.max_memory={cpu: 150MB}\"",  # layers on disk, same weights as flap_20
-    "wanda_2_4_offload": "recipe=wanda_50 pattern=2:4 \"model.max_memory={cpu: 150MB}\"",  # determinism: same safetensors bytes as flap_20
+    # bigger than memory: the same pruning with 29 of 30 layers on disk (ppl=none: the peak of pruning + export;
+    # the weights are compared by SHA-256 with the in-memory row)
+    "flap_20_memory_noeval": "recipe=flap_20 ppl=none",
+    "flap_20_offload_noeval": "recipe=flap_20 ppl=none \"model.max_memory={cpu: 150MB}\"",
+    "flap_20_offload": "recipe=flap_20 \"model.max_memory={cpu: 150MB}\"",  # determinism: same safetensors bytes as flap_20
     "flap_20_bias": "recipe=flap_20 stages.0.compensation=bias",
     "flap_20_self": "recipe=flap_20 calibration=self",
     "flap_20_uniform": "recipe=flap_20 stages.0.uniform=true eval.speed=true",
@@ -72,6 +76,10 @@ def run_row(name: str) -> str:
     rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
     report = json.loads((output / "report.json").read_text())
     ppl, speed = report["ppl"], report["speed"]
+    if "pruned" not in ppl:  # no evaluation: memory and identity of the weights
+        digest = hashlib.sha256((output / "model.safetensors").read_bytes()).hexdigest()[:16]
+        return (f"| {name} | {report['sparsity']['achieved_decoder_linear']:.2%} | {report['seconds']['prune']:.0f} | "
+                f"{rss_kib / 1024:,.0f} | {report['peak_rss_mib_by_phase']} | {digest} | `{command}` |")
     recovery = next((stage for stage in report["stages"] if "ppl_before" in stage), None)
     if recovery is not None:
         return (f"| {name} | {report['sparsity']['achieved_decoder_linear']:.2%} | {ppl['dense']:.2f} | "
