@@ -12,26 +12,14 @@ from compress.arch import get_adapter
 from compress.errors import UserError
 from compress.masks import follows_nm, zero_fraction
 from tests.conftest import TINY_MOE_ARCHITECTURES, tiny_model, tiny_tokenizer
-
-IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(5))
+from tests.test_architectures import _logits as logits
+from tests.test_architectures import _recipe as recipe
 
 
 def save(model, folder):
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
-
-
-def recipe(model_dir, text_files, output, stages):
-    return {"model": {"name": str(model_dir)},
-            "calibration": {"path": str(text_files["calibration"]), "num_samples": 8, "seq_len": 32},
-            "stages": stages, "export": {"output": str(output)},
-            "eval": {"ppl": 2, "text": str(text_files["test"]), "seq_len": 32}}
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
 
 
 @pytest.mark.parametrize("model_type", TINY_MOE_ARCHITECTURES)
