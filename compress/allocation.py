@@ -20,6 +20,7 @@ class UnitScores:
     kind: str  # "attention" or "mlp"
     scores: torch.Tensor  # [units], float
     unit_params: int
+    removable: bool = True  # False: always kept, but counted in the budget (e.g. OLMoE attention)
 
 
 def _keep_top(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -40,7 +41,9 @@ def global_allocation(units: list[UnitScores], sparsity: float, min_units: int =
     forced = torch.zeros(len(scores), dtype=torch.bool)
     offset = 0
     for u in units:
-        if min_units > 0:
+        if not u.removable:
+            forced[offset:offset + len(u.scores)] = True
+        elif min_units > 0:
             forced[offset + _keep_top(u.scores, min_units)] = True
         offset += len(u.scores)
     rank_key = torch.where(forced, torch.full_like(scores, float("inf")), scores)
@@ -74,7 +77,7 @@ def uniform_allocation(units: list[UnitScores], sparsity: float, min_units: int 
         removed_attention = 0
         if attn is not None:
             groups = len(attn.scores)
-            removed_attention = min(int(round(sparsity * groups)), groups - min_units)
+            removed_attention = min(int(round(sparsity * groups)), groups - min_units) if attn.removable else 0
             result[(layer, "attention")] = _keep_top(attn.scores, groups - removed_attention)
         if mlp is not None:
             budget = sparsity * layer_params - removed_attention * (attn.unit_params if attn else 0)
@@ -101,8 +104,9 @@ def same_width_allocation(units: list[UnitScores], kept: dict[tuple[int, str], t
         mean_groups = sum(len(kept[(u.layer, u.kind)]) for u in attention) / len(attention)
         groups = max(min_units, int(round(mean_groups)))
         for u in attention:
-            result[(u.layer, u.kind)] = _keep_top(u.scores, groups)
-            kept_attention_params += groups * u.unit_params
+            count = groups if u.removable else len(u.scores)
+            result[(u.layer, u.kind)] = _keep_top(u.scores, count)
+            kept_attention_params += count * u.unit_params
     if mlp:
         per_layer_params = sum(u.unit_params for u in mlp)
         channels = int(round((target - kept_attention_params) / per_layer_params))

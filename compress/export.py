@@ -50,6 +50,7 @@ def layer_layout(adapter: Adapter) -> list[dict]:
     o_path, down_path = adapter.output_projection_paths()
     for layer in adapter.layers():
         widths = adapter.layer_widths(layer)
+        widths["width_key"] = adapter.layer_width_key(layer)
         widths["output_biases"] = [
             path for path, linear in ((o_path, adapter.o_proj(layer)), (down_path, adapter.down_proj(layer)))
             if linear.bias is not None
@@ -95,7 +96,7 @@ def _write_uniform(model, adapter: Adapter, layout: list[dict], folder: Path, ma
                 setattr(config, adapter.bias_flags[kind], True)
     config.num_attention_heads = first["num_attention_heads"]
     config.num_key_value_heads = first["num_key_value_heads"]
-    setattr(config, adapter.width_key, first["intermediate_size"])
+    setattr(config, first["width_key"], first["intermediate_size"])
     if getattr(config, "head_dim", None) is None:
         config.head_dim = adapter.head_dim()
     model.save_pretrained(folder, max_shard_size=max_shard_size)
@@ -107,7 +108,8 @@ def _write_per_layer(model, adapter: Adapter, layout: list[dict], folder: Path, 
     config = json.loads(config_path.read_text())
     config["head_dim"] = adapter.head_dim()
     config["per_layer_config"] = {
-        str(index): {k: entry[k] for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")}
+        str(index): {"num_attention_heads": entry["num_attention_heads"],
+                     "num_key_value_heads": entry["num_key_value_heads"], entry["width_key"]: entry["intermediate_size"]}
         for index, entry in enumerate(layout)
     }
     config["compress_output_biases"] = {

@@ -166,7 +166,10 @@ def check_mlp_only_budgets(recipe: Recipe, config: dict | None) -> None:
     """A stage that prunes MLP channels only cannot remove more than the MLPs' share of the decoder linears."""
     text = (config or {}).get("text_config", config or {})
     try:
-        hidden, inter = int(text["hidden_size"]), int(text["intermediate_size"])
+        hidden = int(text["hidden_size"])
+        # MoE: every expert's MLP counts (a mixed model's dense layers are not; the stage re-checks when loaded)
+        experts = int(text.get("num_local_experts") or text.get("num_experts") or 1)
+        inter = experts * int(text.get("moe_intermediate_size") or text["intermediate_size"])
         heads, kv = int(text["num_attention_heads"]), int(text.get("num_key_value_heads") or text["num_attention_heads"])
         head_dim = int(text.get("head_dim") or hidden // heads)
     except (KeyError, TypeError, ValueError):
@@ -181,16 +184,16 @@ def check_mlp_only_budgets(recipe: Recipe, config: dict | None) -> None:
 
 
 def check_moe_stages(recipe: Recipe, config: dict | None) -> None:
-    """Mixture-of-experts models take weight-level stages only (for now): refused before loading."""
+    """GBLM's per-weight gradients do not cover fused expert tensors yet: refused before loading."""
     from compress.arch.base import _REGISTRY
 
     adapter = _REGISTRY.get((config or {}).get("model_type"))
     if adapter is None or not adapter.is_moe:
         return
     for number, stage in enumerate(recipe.stages):
-        if hasattr(stage, "round_to") or stage.method == "gblm":
+        if stage.method == "gblm":
             raise UserError(f"stage {number} ({stage.method}) does not support mixture-of-experts models yet "
-                            f"({config['model_type']}): use wanda or magnitude (unstructured or N:M) on this model")
+                            f"({config['model_type']}): use wanda, magnitude or a structured method on this model")
 
 
 def check_stage_order(recipe: Recipe, config: dict | None) -> None:

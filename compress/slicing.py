@@ -33,26 +33,34 @@ class MeanCompensation:
 
 
 class LeastSquaresCompensation:
-    def __init__(self, mean: torch.Tensor, covariance: torch.Tensor, damping: float = 0.01):
+    """`intercept=False` fits x_P ~ A x_K through the origin (on the second moment instead of the
+    covariance): for projections that cannot carry a bias, such as fused MoE experts."""
+
+    def __init__(self, mean: torch.Tensor, covariance: torch.Tensor, damping: float = 0.01, intercept: bool = True):
         self.mean = mean.double()
         self.covariance = covariance.double()
         self.damping = damping
+        self.intercept = intercept
 
     def columns(self, linear: nn.Linear, kept: torch.Tensor) -> nn.Linear:
         removed_mask = torch.ones(linear.in_features, dtype=torch.bool)
         removed_mask[kept] = False
         removed = removed_mask.nonzero().squeeze(1)
         weight = linear.weight.detach().double().cpu()
-        cov_kk = self.covariance[kept][:, kept]
-        cov_pk = self.covariance[removed][:, kept]
+        moment = self.covariance if self.intercept else self.covariance + torch.outer(self.mean, self.mean)
+        cov_kk = moment[kept][:, kept]
+        cov_pk = moment[removed][:, kept]
         ridge = self.damping * cov_kk.diagonal().mean().clamp_min(1e-12)
         eye = torch.eye(len(kept), dtype=torch.float64)
         predictor = torch.linalg.solve(cov_kk + ridge * eye, cov_pk.T).T  # [removed, kept]
         new_weight = weight[:, kept] + weight[:, removed] @ predictor
-        shift = weight[:, removed] @ (self.mean[removed] - predictor @ self.mean[kept])
-        bias = linear.bias.detach().double().cpu() + shift if linear.bias is not None else shift
         device, dtype = linear.weight.device, linear.weight.dtype
-        return _new_linear(new_weight.to(device=device, dtype=dtype), bias.to(device=device, dtype=dtype))
+        bias = linear.bias.detach().double().cpu() if linear.bias is not None else None
+        if self.intercept:
+            shift = weight[:, removed] @ (self.mean[removed] - predictor @ self.mean[kept])
+            bias = bias + shift if bias is not None else shift
+        return _new_linear(new_weight.to(device=device, dtype=dtype),
+                           bias.to(device=device, dtype=dtype) if bias is not None else None)
 
 
 def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -148,6 +156,26 @@ def slice_mlp(adapter: Adapter, layer: nn.Module, kept_channels, compensation=No
         mlp.intermediate_size = len(index)
 
 
+def slice_experts(adapter: Adapter, layer: nn.Module, kept: torch.Tensor, compensations: list | None = None) -> None:
+    """Keep `kept[e]` (w channel indices) of every expert of a mixture-of-experts layer, in place.
+
+    The fused layout needs one width per layer, so every expert keeps the same number of channels,
+    each its own. `compensations[e]` (or None) rebuilds expert e's down projection: experts carry
+    no bias, so only through-the-origin least squares applies (`LeastSquaresCompensation(intercept=False)`).
+    """
+    from compress.arch.moe import expert_linears, set_expert_weights
+
+    experts = adapter.experts(layer)
+    gates, ups, downs = [], [], []
+    for e, (gate, up, down) in enumerate(expert_linears(experts)):
+        index = torch.as_tensor(kept[e], dtype=torch.long).sort().values
+        compensation = compensations[e] if compensations is not None else None
+        gates.append(gate.weight.detach()[index])
+        ups.append(up.weight.detach()[index])
+        downs.append(_output_columns(down, index, compensation).weight.detach())
+    set_expert_weights(experts, gates, ups, downs)
+
+
 def attention_unit_params(adapter: Adapter, layer: nn.Module) -> int:
     """Weight parameters removed with one KV group of this layer (q, k, v rows and o columns)."""
     shape = adapter.attention_shape(layer)
@@ -158,8 +186,11 @@ def attention_unit_params(adapter: Adapter, layer: nn.Module) -> int:
 
 
 def mlp_unit_params(adapter: Adapter, layer: nn.Module) -> int:
+    """Weights removed with one MLP channel (with one channel of every expert in an MoE layer)."""
     gate, up = adapter.gate_up(layer)
-    return gate.in_features + up.in_features + adapter.down_proj(layer).out_features
+    experts = adapter.experts(layer)
+    count = experts.down_proj.shape[0] if experts is not None else 1
+    return count * (gate.in_features + up.in_features + adapter.down_proj(layer).out_features)
 
 
 def decoder_linear_params(adapter: Adapter) -> int:
@@ -181,7 +212,17 @@ def layer_linear_tensors(adapter: Adapter, layer: nn.Module) -> dict[str, torch.
 
 def set_layer_linears(adapter: Adapter, layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Put saved decoder linears (any widths, from `layer_linear_tensors`) into `layer`, in place."""
+    experts = adapter.experts(layer)
+    if experts is not None:
+        from compress.arch.moe import expert_linears, set_expert_weights
+
+        prefix = f"{adapter.mlp_name}.experts"
+        count = len(expert_linears(experts))
+        set_expert_weights(experts, *([tensors[f"{prefix}.{e}.{kind}.weight"] for e in range(count)]
+                                      for kind in ("gate_proj", "up_proj", "down_proj")))
     for name, linear in adapter.decoder_linears(layer).items():
+        if experts is not None and name.startswith(f"{adapter.mlp_name}.experts."):
+            continue
         weight = tensors[f"{name}.weight"].to(linear.weight.device, linear.weight.dtype)
         bias = tensors.get(f"{name}.bias")
         if weight.shape == linear.weight.shape and (bias is None) == (linear.bias is None):

@@ -75,3 +75,18 @@ def test_round_widths_gives_multiples_and_keeps_the_best():
         else:  # attention groups are not rounded
             assert torch.equal(rounded[(u.layer, u.kind)], keep[(u.layer, u.kind)])
     assert round_widths(units, keep, 1) is keep
+
+
+@pytest.mark.parametrize("allocation", [global_allocation, uniform_allocation, "same_width"])
+def test_units_that_cannot_be_removed_are_kept_and_the_rest_carries_the_budget(allocation):
+    units = _units(layers=6, groups=3, channels=400)
+    for u in units:
+        if u.kind == "attention":
+            u.removable = False
+            u.scores = torch.full_like(u.scores, -10.0)  # the worst units of all, still kept
+    if allocation == "same_width":
+        keep = same_width_allocation(units, global_allocation(units, 0.3), 0.3)
+    else:
+        keep = allocation(units, 0.3)
+    assert all(len(keep[(u.layer, "attention")]) == 3 for u in units)
+    assert _kept_fraction(units, keep) == pytest.approx(0.7, abs=0.01)

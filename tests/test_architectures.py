@@ -1,4 +1,5 @@
-"""Every adapter: FLAP and Wanda 2:4 -> export -> reload gives the same logits; uniform = stock class."""
+"""Every adapter (dense and mixture-of-experts): FLAP and Wanda 2:4 -> export -> reload gives the same logits;
+uniform = stock class."""
 
 import json
 
@@ -9,12 +10,12 @@ from transformers import AutoModelForCausalLM
 import compress
 from compress.arch import get_adapter
 from compress.masks import follows_nm
-from tests.conftest import TINY_ARCHITECTURES, tiny_model, tiny_tokenizer
+from tests.conftest import TINY_ARCHITECTURES, TINY_MOE_ARCHITECTURES, tiny_model, tiny_tokenizer
 
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(5))
 
 
-@pytest.fixture(scope="module", params=TINY_ARCHITECTURES)
+@pytest.fixture(scope="module", params=TINY_ARCHITECTURES + TINY_MOE_ARCHITECTURES)
 def model_dir(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     tiny_model(request.param).save_pretrained(folder)

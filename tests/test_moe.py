@@ -1,5 +1,7 @@
 """Mixture-of-experts models (Mixtral, Qwen3-MoE, OLMoE): experts are pruned as MLPs on the tokens routed
-to them, exports load with the stock classes, structured stages are refused before loading."""
+to them (single weights, or channels with one width per layer and each expert its own channels),
+exports load with the stock classes; GBLM is refused before loading. FLAP 30% / Wanda 2:4 on every
+MoE adapter are in the architecture matrix (tests/test_architectures.py)."""
 
 import json
 
@@ -56,17 +58,7 @@ def test_wanda_on_experts_exports_to_the_stock_class(model_type, pattern, text_f
 
 
 def test_an_expert_the_router_never_picks_is_left_as_it_is(text_files, tmp_path):
-    from transformers import MixtralConfig
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(MixtralConfig(
-        vocab_size=320, hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, num_local_experts=5, num_experts_per_tok=2))
-    with torch.no_grad():
-        for layer in model.model.layers:
-            # router rows a, -a, b, -b, 0: two logits are always >= 0 = expert 4's, so expert 4 is never in the top 2
-            a, b = layer.mlp.gate.weight[0].clone(), layer.mlp.gate.weight[2].clone()
-            layer.mlp.gate.weight.copy_(torch.stack([a, -a, b, -b, torch.zeros_like(a)]))
+    model = idle_expert_mixtral()
     before = model.model.layers[1].mlp.experts.gate_up_proj[4].clone()
     model_dir = save(model, tmp_path / "model")
     report = compress.run(recipe(model_dir, text_files, tmp_path / "out", [{"method": "wanda", "pattern": "2:4"}]),
@@ -77,9 +69,92 @@ def test_an_expert_the_router_never_picks_is_left_as_it_is(text_files, tmp_path)
     assert torch.equal(saved, before)
 
 
-@pytest.mark.parametrize("stage", [{"method": "flap", "sparsity": 0.3}, {"method": "gblm"}])
-def test_structured_and_gradient_stages_are_refused_before_loading(stage, text_files, tmp_path):
+def test_gradient_stages_are_refused_before_loading(text_files, tmp_path):
     model_dir = save(tiny_model("qwen3_moe"), tmp_path / "model")
     with pytest.raises(UserError, match="does not support mixture-of-experts models yet"):
-        compress.run(recipe(model_dir, text_files, tmp_path / "out", [stage]), progress=False, log=lambda _: None)
+        compress.run(recipe(model_dir, text_files, tmp_path / "out", [{"method": "gblm"}]), progress=False,
+                     log=lambda _: None)
     assert not (tmp_path / "out").exists()
+
+
+def idle_expert_mixtral():
+    """A tiny Mixtral whose router never picks expert 4 (router rows a, -a, b, -b, 0: two logits are
+    always >= 0 = expert 4's, so it is never in the top 2)."""
+    from transformers import MixtralConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MixtralConfig(
+        vocab_size=320, hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, num_local_experts=5, num_experts_per_tok=2))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            a, b = layer.mlp.gate.weight[0].clone(), layer.mlp.gate.weight[2].clone()
+            layer.mlp.gate.weight.copy_(torch.stack([a, -a, b, -b, torch.zeros_like(a)]))
+    return model
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda_sp", "cfsp"])
+def test_structured_stages_give_every_expert_its_own_channels_at_one_width(method, text_files, tmp_path):
+    model = tiny_model("olmoe")
+    original = [(layer.mlp.experts.gate_up_proj.detach().clone(), layer.mlp.experts.down_proj.detach().clone())
+                for layer in model.model.layers]
+    model_dir = save(model, tmp_path / "model")
+    output = tmp_path / "out"
+    stage = {"method": method, "sparsity": 0.3, "compensation": "none"}
+    report = compress.run(recipe(model_dir, text_files, output, [stage]), progress=False, log=lambda _: None)
+    assert 0.2 < report["sparsity"]["achieved_decoder_linear"] < 0.4
+    assert report["export"]["reload_max_abs_logit_diff"] < 1e-4
+    pruned = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=report["export"]["trust_remote_code_needed"])
+    # OLMoE's q/k norms span all heads: attention is kept, the experts carry the whole budget
+    assert all(layer.self_attn.q_proj.out_features == 96 for layer in pruned.model.layers)
+    distinct = 0
+    for layer, (gate_up, down) in zip(pruned.model.layers, original):
+        experts = layer.mlp.experts
+        full, width = down.shape[-1], experts.down_proj.shape[-1]
+        assert width % 8 == 0 and width < full  # grouped-matmul experts need 16-byte strides
+        kept_sets = []
+        for e in range(gate_up.shape[0]):
+            # no compensation: each expert's rows / columns are a subset of its own, in order
+            gate_rows = [int((gate_up[e, :full] == row).all(1).nonzero()[0]) for row in experts.gate_up_proj[e, :width]]
+            assert gate_rows == sorted(gate_rows)
+            assert torch.equal(experts.gate_up_proj[e, width:], gate_up[e, full:][gate_rows])
+            assert torch.equal(experts.down_proj[e], down[e][:, gate_rows])
+            kept_sets.append(tuple(gate_rows))
+        distinct += len(set(kept_sets)) > 1
+    assert distinct == len(original)  # experts choose different channels
+
+
+def test_expert_slots_weigh_experts_by_their_tokens_and_rank_idle_experts_by_weights():
+    from compress.methods.flap import Flap, FlapConfig
+    from compress.stats import ChannelStats
+
+    model = tiny_model("mixtral")
+    adapter = get_adapter(model)
+    layer = adapter.layers()[0]
+    method = Flap(FlapConfig(sparsity=0.3, structure="UL-UM"))
+    torch.manual_seed(0)
+    stats = {}
+    for e, tokens in enumerate((30, 10, 0, 60)):
+        stats[f"mlp.{e}"] = ChannelStats(f"expert {e}", adapter.intermediate_size(layer))
+        if tokens:
+            stats[f"mlp.{e}"].update(torch.randn(tokens, adapter.intermediate_size(layer)) * (e + 1))
+    slots, order, idle = method.expert_scores(adapter, layer, stats)
+    assert idle == [2]
+    from compress.arch.moe import expert_linears
+
+    rows = [method.mlp_scores(*expert_linears(adapter.experts(layer))[e], stats[f"mlp.{e}"]).sort(descending=True).values
+            for e in (0, 1, 3)]
+    expected = 0.3 * rows[0] + 0.1 * rows[1] + 0.6 * rows[2]
+    assert torch.allclose(slots, expected, rtol=1e-5)
+    assert (slots[:-1] >= slots[1:]).all()  # a width keeps a prefix of the slots
+    gate, up, down = expert_linears(adapter.experts(layer))[2]
+    norms = down.weight.norm(dim=0) * up.weight.norm(dim=1) * gate.weight.norm(dim=1)
+    assert torch.equal(order[2], norms.sort(descending=True, stable=True).indices)
+
+
+def test_an_expert_without_tokens_is_reported_and_still_fits_the_layer_width(text_files, tmp_path):
+    model_dir = save(idle_expert_mixtral(), tmp_path / "model")
+    report = compress.run(recipe(model_dir, text_files, tmp_path / "out", [{"method": "flap", "sparsity": 0.3}]),
+                          progress=False, log=lambda _: None)
+    assert report["stages"][0]["experts_without_calibration_tokens"] == [f"layers.{i}.mlp.experts.4" for i in range(3)]
+    assert report["export"]["reload_max_abs_logit_diff"] < 1e-4

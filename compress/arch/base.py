@@ -49,6 +49,9 @@ class Adapter:
     model_types: tuple[str, ...] = ()
     is_moe = False  # mixture-of-experts MLPs (compress.arch.moe)
     width_key = "intermediate_size"  # config key of the MLP width
+    # False where the stock class cannot hold fewer heads (structured methods then keep every
+    # KV group; the MLPs carry the whole budget)
+    attention_prunable = True
     layers_path = "model.layers"
     attention_name = "self_attn"
     q_name, k_name, v_name, o_name = "q_proj", "k_proj", "v_proj", "o_proj"
@@ -87,6 +90,10 @@ class Adapter:
 
     def mlp(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.mlp_name)
+
+    def experts(self, layer: nn.Module) -> nn.Module | None:
+        """The fused experts module of a mixture-of-experts layer; None for a dense MLP."""
+        return None
 
     def qkv(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
         attn = self.attention(layer)
@@ -137,6 +144,10 @@ class Adapter:
 
     def intermediate_size(self, layer: nn.Module) -> int:
         return self.down_proj(layer).in_features
+
+    def layer_width_key(self, layer: nn.Module) -> str:
+        """Config key of this layer's MLP width (MoE models name the experts' width differently)."""
+        return self.width_key
 
     def layer_widths(self, layer: nn.Module) -> dict[str, int]:
         shape = self.attention_shape(layer)

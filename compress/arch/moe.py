@@ -11,8 +11,11 @@ each expert (weighted sums and routing unchanged). An expert that receives no ca
 has no statistics: weight-level methods leave it as it is and report it. The router is never
 touched here.
 
-Weight-level methods (Wanda, magnitude, with OWL and N:M) work on experts; removing expert
-channels or whole experts (structured methods, STUN) is not supported yet and is refused.
+Weight-level methods (Wanda, magnitude, with OWL and N:M) mask experts' weights. Structured
+methods (FLAP, Wanda-sp, CFSP) remove expert channels: the fused layout needs one width per
+layer, so every expert of a layer keeps the same number of channels, each expert its own best
+ones (see `compress.methods.base.StructuredMethod.expert_scores`). Removing whole experts (STUN)
+is not supported yet.
 """
 
 from __future__ import annotations
@@ -63,6 +66,26 @@ def expert_linears(experts: nn.Module) -> list[tuple[ExpertLinear, ExpertLinear,
         experts.__dict__["_compress_linears"] = cached
         experts.forward = _routed_forward(experts, cached)
     return cached
+
+
+def set_expert_weights(experts: nn.Module, gates, ups, downs) -> None:
+    """Replace the fused expert tensors by the stacked per-expert weights (any one width), in place;
+    the views and the routed forward are rebuilt for the new width."""
+    gate_up = torch.stack([torch.cat([gate, up], 0) for gate, up in zip(gates, ups)])
+    down = torch.stack(list(downs))
+    old = experts.gate_up_proj
+    if gate_up.shape == old.shape and down.shape == experts.down_proj.shape:
+        with torch.no_grad():
+            old.copy_(gate_up.to(old.dtype))
+            experts.down_proj.copy_(down.to(old.dtype))
+        return
+    device, dtype = old.device, old.dtype
+    experts.gate_up_proj = nn.Parameter(gate_up.to(device, dtype).contiguous(), requires_grad=old.requires_grad)
+    experts.down_proj = nn.Parameter(down.to(device, dtype).contiguous(), requires_grad=old.requires_grad)
+    if hasattr(experts, "intermediate_dim"):
+        experts.intermediate_dim = down.shape[-1]
+    experts.__dict__.pop("_compress_linears", None)
+    expert_linears(experts)
 
 
 def _routed_forward(experts: nn.Module, linears):
@@ -119,6 +142,9 @@ class MoeAdapter(Adapter):
         experts = self.experts(layer)
         return expert_linears(experts)[0][2] if experts is not None else super().down_proj(layer)
 
+    def layer_width_key(self, layer: nn.Module) -> str:
+        return self.width_key if self.experts(layer) is not None else "intermediate_size"
+
     def intermediate_size(self, layer: nn.Module) -> int:
         experts = self.experts(layer)
         return experts.down_proj.shape[-1] if experts is not None else super().intermediate_size(layer)
@@ -159,6 +185,9 @@ class Qwen3MoeAdapter(MoeAdapter):
 @register_adapter
 class OlmoeAdapter(MoeAdapter):
     model_types = ("olmoe",)
+    # q_norm / k_norm normalise the whole query / key projection (sized from hidden_size), not
+    # each head: fewer heads would change the surviving heads' outputs and cannot be configured
+    attention_prunable = False
     transformers_module = "transformers.models.olmoe.modeling_olmoe"
     model_class = "OlmoeForCausalLM"
     config_class = "OlmoeConfig"

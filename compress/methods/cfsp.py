@@ -97,25 +97,25 @@ class Cfsp(StructuredMethod):
     def observe_layer(self, layer):
         return angular_distance(layer)
 
-    def score_layer(self, index, adapter, layer, stats) -> LayerScores:
+    def attention_scores(self, adapter, layer, stats):
         cfg = self.config
-        gate, up = adapter.gate_up(layer)
-        down = adapter.down_proj(layer)
-        activation = stats["mlp"].l2_norm
         if cfg.score == "released":
+            channels = stats.l2_norm.clone()
+        else:
+            channels = self._attention_channel_scores(adapter, layer, stats.l2_norm)
+        shape = adapter.attention_shape(layer)
+        if cfg.targets == "both":  # z-scored so channels and groups compete on one scale (see module doc)
+            return standardize(channels).reshape(shape.num_kv_heads, -1).mean(1)
+        return channels.reshape(shape.num_kv_heads, -1).sum(1)
+
+    def mlp_scores(self, gate, up, down, stats):
+        activation = stats.l2_norm
+        if self.config.score == "released":
             mlp = activation.clone()
-            attention_channels = stats["attention"].l2_norm.clone()
         else:
             mlp = (relative_share(down.weight, 1, activation) + relative_share(up.weight, 0)
                    + relative_share(gate.weight, 0))
-            attention_channels = self._attention_channel_scores(adapter, layer, stats["attention"].l2_norm)
-        shape = adapter.attention_shape(layer)
-        if cfg.targets == "both":  # z-scored so channels and groups compete on one scale (see module doc)
-            mlp = standardize(mlp)
-            groups = standardize(attention_channels).reshape(shape.num_kv_heads, -1).mean(1)
-        else:
-            groups = attention_channels.reshape(shape.num_kv_heads, -1).sum(1)
-        return LayerScores(units=self.unit_scores(index, adapter, layer, groups, mlp))
+        return standardize(mlp) if self.config.targets == "both" else mlp
 
     @staticmethod
     def _attention_channel_scores(adapter, layer, activation: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from pydantic import Field
 from compress.allocation import global_allocation, same_width_allocation, uniform_allocation
 from compress.config_base import StructuredStageConfig
 from compress.methods import register
-from compress.methods.base import LayerScores, StructuredMethod
+from compress.methods.base import StructuredMethod
 
 
 class FlapConfig(StructuredStageConfig):
@@ -71,21 +71,17 @@ class Flap(StructuredMethod):
     name = "flap"
     Config = FlapConfig
 
-    def score_layer(self, index, adapter, layer, stats) -> LayerScores:
+    def attention_scores(self, adapter, layer, stats):
         cfg = self.config
-        shape = adapter.attention_shape(layer)
-        attention = channel_metric(cfg.metric, adapter.o_proj(layer).weight, stats["attention"])
+        attention = channel_metric(cfg.metric, adapter.o_proj(layer).weight, stats)
         if cfg.square_attention_metric:
             attention = attention.pow(2)
-        mlp = channel_metric(cfg.metric, adapter.down_proj(layer).weight, stats["mlp"])
-        if cfg.structure == "AL-AM":
-            group_scores = standardize(attention).reshape(shape.num_kv_heads, -1).mean(1)
-            mlp = standardize(mlp)
-        else:
-            group_scores = attention.reshape(shape.num_kv_heads, -1).sum(1)
-        return LayerScores(
-            units=self.unit_scores(index, adapter, layer, group_scores, mlp),
-        )
+        groups = attention.reshape(adapter.attention_shape(layer).num_kv_heads, -1)
+        return standardize(attention).reshape(groups.shape).mean(1) if cfg.structure == "AL-AM" else groups.sum(1)
+
+    def mlp_scores(self, gate, up, down, stats):
+        mlp = channel_metric(self.config.metric, down.weight, stats)
+        return standardize(mlp) if self.config.structure == "AL-AM" else mlp
 
     def allocate(self, scores):
         units = [u for layer_scores in scores.values() for u in layer_scores.units]

@@ -19,7 +19,7 @@ from pydantic import Field
 from compress.allocation import uniform_allocation
 from compress.config_base import StructuredStageConfig
 from compress.methods import register
-from compress.methods.base import LayerScores, StructuredMethod
+from compress.methods.base import StructuredMethod
 
 
 class WandaSpConfig(StructuredStageConfig):
@@ -28,23 +28,23 @@ class WandaSpConfig(StructuredStageConfig):
         "none", description="how o_proj/down_proj absorb the removed inputs (see compress.slicing)")
 
 
+def column_score(weight, channel_stats):
+    """Mean over output rows of |W_ij| * ||x_j||_2, per input channel j."""
+    return (weight.detach().float().cpu().abs() * channel_stats.l2_norm[None, :]).mean(0)
+
+
 @register
 class WandaSp(StructuredMethod):
     name = "wanda_sp"
     Config = WandaSpConfig
     sequential = True
 
-    def score_layer(self, index, adapter, layer, stats) -> LayerScores:
-        shape = adapter.attention_shape(layer)
+    def attention_scores(self, adapter, layer, stats):
+        channels = column_score(adapter.o_proj(layer).weight, stats)
+        return channels.reshape(adapter.attention_shape(layer).num_kv_heads, -1).sum(1)
 
-        def column_score(weight, channel_stats):
-            return (weight.detach().float().cpu().abs() * channel_stats.l2_norm[None, :]).mean(0)
-
-        attention = column_score(adapter.o_proj(layer).weight, stats["attention"])
-        mlp = column_score(adapter.down_proj(layer).weight, stats["mlp"])
-        return LayerScores(
-            units=self.unit_scores(index, adapter, layer, attention.reshape(shape.num_kv_heads, -1).sum(1), mlp),
-        )
+    def mlp_scores(self, gate, up, down, stats):
+        return column_score(down.weight, stats)
 
     def allocate(self, scores):
         units = [u for layer_scores in scores.values() for u in layer_scores.units]
