@@ -7,6 +7,8 @@ next-token cross-entropy of sample n. The result per weight is the norm across s
 
 accumulated in float32. GBLM-Pruner uses it; any method that needs first-order information can.
 
+* Experts of mixture-of-experts layers are slices of two fused tensors: gradients are folded per
+  fused tensor and cut back into each expert's gate/up/down projection (`trainable_targets`).
 * One backward per sample (the norm is across samples, so gradients cannot be summed over a
   batch first). Only decoder-linear weights require grad; embeddings, norms and lm_head do not.
 * Each weight's gradient is folded into its accumulator the moment autograd produces it
@@ -63,9 +65,7 @@ def gradient_norms(adapter, windows: torch.Tensor, norm: str = "l2", checkpointi
                    progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """Norm across calibration samples of each decoder-linear weight's gradient (see module doc)."""
     model = adapter.model
-    targets = {linear_key(i, name): linear.weight
-               for i, layer in enumerate(adapter.layers())
-               for name, linear in adapter.decoder_linears(layer).items()}
+    targets, views = trainable_targets(adapter)
     accumulators = {key: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for key, w in targets.items()}
     saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
@@ -111,7 +111,34 @@ def gradient_norms(adapter, windows: torch.Tensor, norm: str = "l2", checkpointi
             raise NumericalError(f"NaN or Inf in the gradients of {key}")
         if norm == "l2":
             acc.sqrt_()
-    return accumulators
+    fused_keys = {fused for fused, _, _ in views.values()}
+    result = {key: acc for key, acc in accumulators.items() if key not in fused_keys}
+    for key, (fused, expert, rows) in views.items():  # each expert's share of a fused tensor
+        part = accumulators[fused][expert]
+        result[key] = (part if rows is None else part[rows]).contiguous()
+    return result
+
+
+def trainable_targets(adapter) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+    """(parameters whose gradients are needed, keyed; decoder linears that are views of one of them).
+
+    A dense linear's weight is its own parameter. An expert's gate/up/down projection is a slice of
+    a fused expert tensor (compress.arch.moe.ExpertLinear): the fused parameter is the target and
+    `views[linear key] = (fused key, expert, rows)` cuts its accumulator back into projections.
+    """
+    from compress.arch.moe import ExpertLinear
+
+    targets, views = {}, {}
+    for i, layer in enumerate(adapter.layers()):
+        for name, linear in adapter.decoder_linears(layer).items():
+            key = linear_key(i, name)
+            if isinstance(linear, ExpertLinear):
+                fused = linear_key(i, f"{adapter.mlp_name}.experts.{linear.parameter}")
+                targets[fused] = getattr(linear._experts, linear.parameter)
+                views[key] = (fused, linear.expert, linear.rows)
+            else:
+                targets[key] = linear.weight
+    return targets, views
 
 
 def cached_gradient_norms(adapter, windows: torch.Tensor, norm: str = "l2", checkpointing: bool = True,

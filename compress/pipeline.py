@@ -183,25 +183,11 @@ def check_mlp_only_budgets(recipe: Recipe, config: dict | None) -> None:
                             f"sparsity")
 
 
-def check_moe_stages(recipe: Recipe, config: dict | None) -> None:
-    """GBLM's per-weight gradients do not cover fused expert tensors yet: refused before loading."""
-    from compress.arch.base import _REGISTRY
-
-    adapter = _REGISTRY.get((config or {}).get("model_type"))
-    if adapter is None or not adapter.is_moe:
-        return
-    for number, stage in enumerate(recipe.stages):
-        if stage.method == "gblm":
-            raise UserError(f"stage {number} ({stage.method}) does not support mixture-of-experts models yet "
-                            f"({config['model_type']}): use wanda, magnitude or a structured method on this model")
-
-
 def check_stage_order(recipe: Recipe, config: dict | None) -> None:
     """N:M stages need every input width to be a multiple of M, including widths earlier stages chose."""
     from compress.masks import parse_pattern
 
     check_mlp_only_budgets(recipe, config)
-    check_moe_stages(recipe, config)
     for number, stage in enumerate(recipe.stages):
         nm = parse_pattern(stage.pattern) if hasattr(stage, "pattern") else None
         if nm is None:

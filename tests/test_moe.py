@@ -1,6 +1,6 @@
 """Mixture-of-experts models (Mixtral, Qwen3-MoE, OLMoE): experts are pruned as MLPs on the tokens routed
 to them (single weights, or channels with one width per layer and each expert its own channels),
-exports load with the stock classes; GBLM is refused before loading. FLAP 30% / Wanda 2:4 on every
+exports load with the stock classes; GBLM takes each expert's gradients from the fused tensors. FLAP 30% / Wanda 2:4 on every
 MoE adapter are in the architecture matrix (tests/test_architectures.py)."""
 
 import json
@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 
 import compress
 from compress.arch import get_adapter
-from compress.errors import UserError
 from compress.masks import follows_nm, zero_fraction
 from tests.conftest import TINY_MOE_ARCHITECTURES, tiny_model, tiny_tokenizer
 from tests.test_architectures import _logits as logits
@@ -69,12 +68,13 @@ def test_an_expert_the_router_never_picks_is_left_as_it_is(text_files, tmp_path)
     assert torch.equal(saved, before)
 
 
-def test_gradient_stages_are_refused_before_loading(text_files, tmp_path):
+def test_gblm_prunes_experts_with_their_own_gradients(text_files, tmp_path):
     model_dir = save(tiny_model("qwen3_moe"), tmp_path / "model")
-    with pytest.raises(UserError, match="does not support mixture-of-experts models yet"):
-        compress.run(recipe(model_dir, text_files, tmp_path / "out", [{"method": "gblm"}]), progress=False,
-                     log=lambda _: None)
-    assert not (tmp_path / "out").exists()
+    stage = {"method": "gblm", "sparsity": 0.5, "pattern": "2:4", "cache_gradients": False}
+    report = compress.run(recipe(model_dir, text_files, tmp_path / "out", [stage]), progress=False, log=lambda _: None)
+    assert report["export"]["nm_pattern_verified"] == ["2:4"] and report["export"]["format"] == "stock"
+    experts = compress.load(tmp_path / "out").model.layers[0].mlp.experts
+    assert zero_fraction(experts.gate_up_proj) == pytest.approx(0.5, abs=0.01)
 
 
 def idle_expert_mixtral():

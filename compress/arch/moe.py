@@ -15,7 +15,8 @@ Weight-level methods (Wanda, magnitude, with OWL and N:M) mask experts' weights.
 methods (FLAP, Wanda-sp, CFSP) remove expert channels: the fused layout needs one width per
 layer, so every expert of a layer keeps the same number of channels, each expert its own best
 ones (see `compress.methods.base.StructuredMethod.expert_scores`). Removing whole experts (STUN)
-is not supported yet.
+is not supported yet. GBLM's gradients are taken on the fused tensors and cut back per expert
+(`compress.gradients.trainable_targets`).
 """
 
 from __future__ import annotations
@@ -158,10 +159,6 @@ class MoeAdapter(Adapter):
             if any(not isinstance(t, torch.Tensor) or t.dim() != 3 for t in fused):
                 raise UserError(f"layer {index}: the experts are not stored as fused 3-D tensors "
                                 f"(gate_up_proj / down_proj); this transformers version's layout is not supported")
-
-    def require_dense(self, what: str) -> None:
-        raise UserError(f"{what} does not support mixture-of-experts models yet ({self.config.model_type}): "
-                        f"use a weight-level method (wanda, magnitude; unstructured or N:M) on this model")
 
 
 @register_adapter

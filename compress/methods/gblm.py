@@ -53,8 +53,6 @@ class Gblm(WeightMethod):
 
     def prepare(self, ctx):
         cfg = self.config
-        if ctx.adapter.is_moe:
-            ctx.adapter.require_dense("gblm (per-weight gradients of fused expert tensors)")
         if ctx.windows is None or len(ctx.windows) == 0:
             raise UserError("gblm needs calibration data for its gradients; set calibration.path= (or calibration=self)")
         bar = ctx.make_bar("gradients", len(ctx.windows), "seq") if ctx.make_bar else None
