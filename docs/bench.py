@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 OUT = Path(os.environ.get("BENCH_DIR", "/tmp/compress-bench"))
+MOE_MODEL = OUT / "smollm2-moe4"  # SmolLM2 upcycled to 4 experts (docs/upcycle_moe.py), built on first use
 COMMON = "model=smollm2-135m --quiet --overwrite"
 ROWS = {
     "flap_20": "recipe=flap_20 eval.speed=true",
@@ -66,12 +67,17 @@ ROWS = {
     "flap_50_lora_nockpt": "recipe=flap_50_lora stages.1.gradient_checkpointing=false",
     "cfsp_50_lora_importance_nockpt": "recipe=flap_50_lora stages.0.method=cfsp stages.1.rank_allocation=importance "
                                       "stages.1.gradient_checkpointing=false",
+    # mixture of experts: SmolLM2 upcycled to a Mixtral with 4 identical experts, top-2 (dense ppl = SmolLM2's)
+    "moe_flap_20": f"recipe=flap_20 model={MOE_MODEL}",
+    "moe_wanda_2_4": f"recipe=wanda_50 pattern=2:4 model={MOE_MODEL}",
     "wanda_2_4_lora": "recipe=flap_50_lora \"stages.0={method: wanda, pattern: '2:4'}\"",
 }
 
 
 def run_row(name: str) -> str:
     output = OUT / name
+    if str(MOE_MODEL) in ROWS[name] and not MOE_MODEL.exists():
+        subprocess.run([sys.executable, str(Path(__file__).parent / "upcycle_moe.py"), str(MOE_MODEL)], check=True)
     common = COMMON if " model=" not in f" {ROWS[name]}" else COMMON.replace("model=smollm2-135m ", "")
     command = f"compress run {ROWS[name]} {common} output={output}"
     result = subprocess.run(["/usr/bin/time", "-v", *shlex.split(command)], capture_output=True, text=True)
