@@ -28,6 +28,8 @@ SCENARIOS = {
     # stages restore sliced fused expert tensors
     "mixtral-flap+wanda_sp": ([{"method": "flap", "sparsity": 0.3}, {"method": "wanda_sp", "sparsity": 0.2}],
                               ["stage-0/result.safetensors", "stage-1/layer-0001.safetensors"], "mixtral"),
+    # OLMoE (attention kept whole): scores of units that cannot be removed are saved and restored as such
+    "olmoe-flap": ([{"method": "flap", "sparsity": 0.3}], ["stage-0/layer-0002.safetensors"], "olmoe"),
 }
 
 

@@ -264,10 +264,11 @@ class StructuredMethod(Method):
             capture.resume(depth, hidden)
             ctx.log(f"resuming at layer {depth} from {folder.path}")
         for index, layer in capture.layers():
+            observed = self.observed(adapter, layer)
             labels = dict(zip(("attention", "mlp"), adapter.output_projection_paths()))
-            labels.update({kind: f"{adapter.mlp_name}.experts.{kind[4:]}.down_proj" for kind in
-                           self.observed(adapter, layer) if is_expert_kind(kind)})
-            with input_stats(self.observed(adapter, layer), stride, f"decoder layer {index}", labels) as stats, \
+            labels.update({kind: f"{adapter.mlp_name}.experts.{kind[4:]}.down_proj" for kind in observed
+                           if is_expert_kind(kind)})
+            with input_stats(observed, stride, f"decoder layer {index}", labels) as stats, \
                     self.observe_layer(layer) as block:
                 capture.forward(index, layer, advance=not self.sequential)
             scores[index] = self.score_layer(index, adapter, layer, stats)
@@ -300,7 +301,8 @@ class StructuredMethod(Method):
         """A layer's scores (and mean compensation) as tensors + metadata for the work folder."""
         tensors = {f"{u.kind}.scores": u.scores for u in layer_scores.units}
         meta = {"unit_params": {u.kind: u.unit_params for u in layer_scores.units}, "block": layer_scores.block,
-                "compensated": sorted(layer_scores.compensation), "idle_experts": layer_scores.idle_experts}
+                "compensated": sorted(layer_scores.compensation), "idle_experts": layer_scores.idle_experts,
+                "fixed": [u.kind for u in layer_scores.units if not u.removable]}
         if layer_scores.expert_order is not None:
             tensors["mlp.expert_order"] = layer_scores.expert_order.contiguous()
         for kind, comp in layer_scores.compensation.items():
@@ -309,7 +311,8 @@ class StructuredMethod(Method):
         return tensors, meta
 
     def _scores_from(self, index: int, tensors: dict, meta: dict, work_dir: Path | None) -> LayerScores:
-        units = [UnitScores(index, kind, tensors[f"{kind}.scores"], params) for kind, params in meta["unit_params"].items()]
+        units = [UnitScores(index, kind, tensors[f"{kind}.scores"], params, removable=kind not in meta.get("fixed", []))
+                 for kind, params in meta["unit_params"].items()]
         mode = self.compensation_mode()
         kinds = meta.get("compensated", [u.kind for u in units])
         compensation = {}
