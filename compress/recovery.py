@@ -8,12 +8,14 @@
         batch_size: 8
         seq_len: 256
         rank: 8
-        data: {source: text, path: ../shared/data/wikitext-2/wiki.valid.tokens}
+        data: {source: builtin, name: wikitext2}   # or {path: my.txt}; never the evaluation text
 
 What the stage does:
-1. Token windows from `data` (text / jsonl / Hugging Face dataset; `template` formats instruction
-   records, e.g. "### Instruction:\\n{instruction}\\n\\n### Response:\\n{output}"), at seeded
-   random offsets like the calibration windows.
+1. Token windows from `data` (a named set such as the packaged `wikitext2`, text / jsonl / Hugging
+   Face dataset, or `calibration`: the calibration windows, which is what `calibration=self` picks;
+   `template` formats instruction records, e.g.
+   "### Instruction:\\n{instruction}\\n\\n### Response:\\n{output}"), at seeded random offsets
+   like the calibration windows.
 2. peft LoRA on the decoder linears (`target_modules`), AdamW with linear warm-up and cosine decay,
    gradient clipping, optional gradient checkpointing; a progress bar shows loss and tokens/s.
 3. `merge: true` (default) folds the adapter into the weights (`merge_and_unload`). Merging makes
@@ -38,26 +40,23 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from compress.config_base import StageConfig, Strict
+from compress.config_base import DataSource, StageConfig
 from compress.errors import UserError
 from compress.methods import register
 from compress.methods.base import Method, StageContext
 from compress.offload import is_offloaded
 from compress.processes import on_cpu
 
-DEFAULT_TEXT = "../shared/data/wikitext-2/wiki.valid.tokens"
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class RecoveryDataConfig(Strict):
-    source: Literal["text", "jsonl", "hf"] = "text"
-    path: str | None = Field(DEFAULT_TEXT, description="text/jsonl file; data_files for source=hf")
-    field: str = Field("text", description="jsonl/hf field holding plain text (when no template)")
+class RecoveryDataConfig(DataSource):
+    source: Literal["builtin", "text", "jsonl", "hf", "calibration"] = Field(
+        "builtin", description="builtin (a named data set) | text | jsonl | hf | calibration (the calibration "
+                               "windows, e.g. self-generated ones)")
+    path: str | None = Field(None, description="text/jsonl file; data_files for source=hf")
     template: str | None = Field(None, description="format of one instruction record, e.g. "
                                                    "'### Instruction:\\n{instruction}\\n\\n### Response:\\n{output}'")
-    dataset: str | None = None
-    dataset_config: str | None = None
-    split: str = "train"
 
 
 class LoraConfig(StageConfig):
@@ -104,12 +103,11 @@ class LoraConfig(StageConfig):
 
 def recovery_text(data: RecoveryDataConfig, eos: str | None) -> str:
     """The training text: plain text, or instruction records formatted by the template and joined by EOS."""
-    from calibration.data import read_source_text, read_records
+    from calibration.data import read_records, read_source_text
 
     if data.template is None:
-        return read_source_text(data.source, data.path, data.field, data.dataset, data.dataset_config, data.split,
-                                key="data")
-    if data.source == "text":
+        return read_source_text(data, key="data", role="train")
+    if data.source in ("text", "builtin"):
         raise UserError("recovery data.template formats records: use data.source=jsonl or hf")
     texts = []
     for where, record in read_records(data.source, data.path, data.dataset, data.dataset_config, data.split, "data"):
@@ -146,8 +144,8 @@ class LoraRecovery(Method):
     prunes = False
 
     def run(self, ctx: StageContext) -> dict:
-        from peft import LoraConfig as PeftLoraConfig
         from accelerate import Accelerator
+        from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model, get_peft_model_state_dict
 
         from calibration.data import sample_windows, tokenize_text
@@ -162,8 +160,10 @@ class LoraRecovery(Method):
         if ctx.tokenizer is None:
             raise UserError("the lora stage needs the model's tokenizer")
         steps = cfg.total_steps
-        text = recovery_text(cfg.data, ctx.tokenizer.eos_token)
-        ids = tokenize_text(ctx.tokenizer, text)
+        if cfg.data.source == "calibration":  # e.g. calibration=self: the windows the model wrote, end to end
+            ids = ctx.windows.flatten()
+        else:
+            ids = tokenize_text(ctx.tokenizer, recovery_text(cfg.data, ctx.tokenizer.eos_token))
         windows = sample_windows(ids, steps * cfg.batch_size, cfg.seq_len, cfg.seed)
         details: dict = {"steps": steps, "tokens": steps * cfg.batch_size * cfg.seq_len}
 

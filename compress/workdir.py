@@ -110,7 +110,8 @@ class StageFolder:
     def checkpoint_hidden(self, depth: int, hidden: list[torch.Tensor]) -> None:
         """`save_hidden`, unless the previous save was too recent to be worth another (see above)."""
         now = time.perf_counter()
-        if self._last_save_end is not None and now - self._last_save_end < self.HIDDEN_SAVE_RATIO * self._last_save_seconds:
+        if (self._last_save_end is not None
+                and now - self._last_save_end < self.HIDDEN_SAVE_RATIO * self._last_save_seconds):
             return
         self.save_hidden(depth, hidden)
         self._last_save_end = time.perf_counter()
@@ -142,7 +143,8 @@ class StageFolder:
         """Extra export files of the stage (kept so a resumed run still exports them)."""
         for number, (name, content) in enumerate(sorted(artifacts.items())):
             data = content if isinstance(content, bytes) else content.encode()
-            save_atomic(self.path / f"artifact-{number:02d}.safetensors", {"bytes": torch.frombuffer(bytearray(data), dtype=torch.uint8)},
+            save_atomic(self.path / f"artifact-{number:02d}.safetensors",
+                        {"bytes": torch.frombuffer(bytearray(data), dtype=torch.uint8)},
                         {"name": name, "text": not isinstance(content, bytes)})
 
     def load_artifacts(self) -> dict[str, bytes | str]:

@@ -29,9 +29,16 @@ ROWS = {
     # the weights are compared by SHA-256 with the in-memory row)
     "flap_20_memory_noeval": "recipe=flap_20 ppl=none",
     "flap_20_offload_noeval": "recipe=flap_20 ppl=none \"model.max_memory={cpu: 150MB}\"",
-    "flap_20_offload": "recipe=flap_20 \"model.max_memory={cpu: 150MB}\"",  # determinism: same safetensors bytes as flap_20
+    # determinism: same safetensors bytes as flap_20
+    "flap_20_offload": "recipe=flap_20 \"model.max_memory={cpu: 150MB}\"",
     "flap_20_bias": "recipe=flap_20 stages.0.compensation=bias",
     "flap_20_self": "recipe=flap_20 calibration=self",
+    # the short protocol of tests/test_e2e_smollm2.py (32 x 256 calibration tokens, 4 eval windows)
+    "short_flap_20": "recipe=flap_20 calibration.num_samples=32 calibration.seq_len=256 ppl=4 "
+                     "stages.0.covariance_token_stride=1",
+    "short_flap_20_stride4": "recipe=flap_20 calibration.num_samples=32 calibration.seq_len=256 ppl=4",
+    "short_flap_20_bias": "recipe=flap_20 calibration.num_samples=32 calibration.seq_len=256 ppl=4 "
+                          "stages.0.compensation=bias",
     "flap_20_uniform": "recipe=flap_20 stages.0.uniform=true eval.speed=true",
     "flap_50": "recipe=flap_50 eval.speed=true",
     "flap_50_bias": "recipe=flap_50 stages.0.compensation=bias",
@@ -101,8 +108,11 @@ def run_row(name: str) -> str:
                 f"{report['sparsity']['zero_fraction_decoder_linear']:.2%} | {ppl['dense']:.2f} | "
                 f"{ppl['pruned']:.2f} | {report['seconds']['prune']:.0f} | {rss_kib / 1024:,.0f} | `{command}` |")
     ratio = (f"{speed['forward_speedup']:.2f} / {speed['generate_speedup']:.2f}" if "forward_speedup" in speed else "–")
+    prune = f"{report['seconds']['prune']:.0f}"
+    if report["seconds"]["calibration_data"] > 10:  # self-generated calibration text: say what it cost
+        prune += f" (of which generation {report['seconds']['calibration_data']:.0f})"
     return (f"| {name} | {report['sparsity']['achieved_decoder_linear']:.2%} | {report['params']['total_after']:,} | "
-            f"{ppl['dense']:.2f} | {ppl['pruned']:.2f} | {report['seconds']['prune']:.0f} | {rss_kib / 1024:,.0f} | "
+            f"{ppl['dense']:.2f} | {ppl['pruned']:.2f} | {prune} | {rss_kib / 1024:,.0f} | "
             f"{ratio} | `{command}` |")
 
 

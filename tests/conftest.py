@@ -11,7 +11,6 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. A tiny model learns nothing but shapes. "
@@ -98,8 +97,16 @@ TINY_MOE_ARCHITECTURES = ("mixtral", "qwen3_moe", "olmoe")
 
 def tiny_model(model_type: str, seed: int = 0):
     """A tiny random causal LM of one supported architecture (GQA, explicit head_dim), built in-process."""
-    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, MixtralConfig, OlmoeConfig,
-                              Qwen2Config, Qwen3Config, Qwen3MoeConfig)
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma3TextConfig,
+        MistralConfig,
+        MixtralConfig,
+        OlmoeConfig,
+        Qwen2Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     common = dict(vocab_size=320, hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True)
@@ -111,7 +118,8 @@ def tiny_model(model_type: str, seed: int = 0):
         "qwen3": lambda: Qwen3Config(**common),  # q/k norms
         "gemma3_text": lambda: Gemma3TextConfig(**{**common, "num_attention_heads": 4, "num_key_value_heads": 1,
                                                    "head_dim": 32}, sliding_window=8,
-                                                layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+                                                layer_types=["sliding_attention", "sliding_attention",
+                                                             "full_attention"]),
         # mixture of experts: 4 experts, 2 per token, fused 3-D expert tensors
         "mixtral": lambda: MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
         "qwen3_moe": lambda: Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64),

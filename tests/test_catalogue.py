@@ -1,8 +1,8 @@
 """Catalogue of bad inputs: each fails before any weight is loaded, with exit code 2, one line that
 names the problem and the fix, no traceback, and nothing written.
 
-`python -m tests.test_catalogue` prints the table of docs/errors.md (input -> message), produced
-by running every case.
+`python -m tests.test_catalogue` rewrites docs/errors.md (input -> message) by running every case; a
+test checks the file is what the cases print, byte for byte.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ CASES = [
     Case("model folder without config.json", ["model={NOCONFIG}"], "has no config.json"),
     Case("pickled weights only", ["model={PICKLED}"], "pickled weights are never loaded"),
     Case("unsupported architecture", ["model={GPT2}"], "unsupported architecture 'gpt2'"),
-    Case("calibration longer than the model's context", ["calibration.seq_len=4096"], "longer than the model's context"),
+    Case("calibration longer than the model's context", ["calibration.seq_len=4096"],
+         "longer than the model's context"),
     # data
     Case("calibration file missing", ["calibration=/no/such/file.txt"], "calibration file not found"),
     Case("calibration file empty (gradient method)", ["stages=[{method: gblm}]", "calibration={EMPTY}"], "is empty"),
@@ -72,12 +73,16 @@ CASES = [
     Case("jsonl without the field", ["calibration=jsonl", "calibration.path={JSONL}", "calibration.field=body"],
          "has no field 'body'"),
     Case("Hugging Face source without a dataset", ["calibration=hf"], "needs calibration.dataset"),
+    Case("calibration on the evaluation text", ["calibration={EVAL}"], "fitting weights on the test text"),
+    Case("unknown named data set", ["calibration.name=wikitext103"], "unknown data set 'wikitext103'"),
+    Case("file and named set at once", ["calibration.path={JSONL}", "calibration.source=builtin"],
+         "set source=text (or jsonl)"),
     Case("evaluation text missing", ["eval.text=/no/such/test.txt"], "evaluation text not found"),
     Case("CFSP on MLPs only beyond what the MLPs hold", ["stages=[{method: cfsp, sparsity: 0.8, targets: mlp}]"],
          "use stages.0.targets=both"),
     # recovery
-    Case("recovery trains on the evaluation text", ["stages=[{method: flap}, {method: lora, data: {path: '{TEXT}'}}]"],
-         "training on the test text"),
+    Case("recovery trains on the evaluation text", ["stages=[{method: flap}, {method: lora, data: {path: '{EVAL}'}}]"],
+         "fitting weights on the test text"),
     Case("recovery data file missing", ["stages=[{method: flap}, {method: lora, data: {path: /no/such.txt}}]"],
          "recovery data file not found"),
     Case("LoRA on a module that is not a decoder linear",
@@ -128,19 +133,28 @@ def materialize(tmp: Path, tiny_model_dir: Path) -> dict[str, str]:
 
 def base_args(tiny_model_dir: Path, text: Path, output: Path) -> list[str]:
     return ["recipe=flap_20", f"model={tiny_model_dir}", f"output={output}", f"calibration={text}",
-            "calibration.num_samples=8", "calibration.seq_len=32", f"eval.text={text}", "eval.seq_len=32", "ppl=2"]
+            "calibration.num_samples=8", "calibration.seq_len=32", f"eval.text={eval_text(text)}", "eval.seq_len=32",
+            "ppl=2"]
+
+
+def eval_text(text: Path) -> Path:
+    """The evaluation text beside the calibration text (the reversed corpus: a different text)."""
+    path = text.with_name("eval.txt")
+    if not path.is_file():
+        path.write_text(text.read_text()[::-1])
+    return path
 
 
 def run_case(case: Case, tmp: Path, files: dict, tiny_model_dir: Path, text: Path, monkeypatch) -> tuple[int, str]:
     args = []
     for arg in case.args:
-        arg = arg.replace("{TEXT}", str(text))
+        arg = arg.replace("{TEXT}", str(text)).replace("{EVAL}", str(eval_text(text)))
         for name, value in files.items():
             arg = arg.replace(f"{{{name}}}", value)
         args.append(arg)
     if "{LOWDISK}" in case.args:
         usage = shutil.disk_usage(tmp)
-        monkeypatch.setattr("compress.pipeline.shutil.disk_usage",
+        monkeypatch.setattr("shutil.disk_usage",
                             lambda _path: usage._replace(free=1000))
     args = [a for a in args if a]
     result = runner.invoke(app, ["run", *base_args(tiny_model_dir, text, tmp / "out"), *args, "--quiet"])
@@ -162,29 +176,47 @@ def test_bad_input_fails_first_with_one_clear_line(case, tmp_path, tiny_model_di
     assert sorted(p.relative_to(work) for p in work.rglob("*")) == before  # nothing written meanwhile
 
 
-def test_catalogue_is_large_and_documented():
-    assert len(CASES) >= 30
-    table = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text()
-    for case in CASES:
-        assert f"| {case.problem} |" in table, f"docs/errors.md lacks '{case.problem}': run python -m tests.test_catalogue"
+ERRORS_MD = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
+HEADER = """# What `compress run` says when the input is wrong
+
+Every problem below is caught **before any weight is loaded**: the command exits with code 2,
+prints one line naming the problem and the fix (no traceback unless `--debug`), and writes
+nothing. Each row is a case of `tests/test_catalogue.py`, run on a tiny model with a valid recipe
+plus the arguments shown; the messages are what that run printed (paths shortened to `…`).
+Regenerate this file with `python -m tests.test_catalogue`; a test compares it
+byte for byte.
+
+| problem | arguments (added to a valid `compress run`) | message |
+|---|---|---|
+"""
 
 
-if __name__ == "__main__":  # print the docs table from real runs
+class _Patch:
+    """monkeypatch.setattr for a run outside pytest."""
+
+    def __init__(self):
+        self.undo = []
+
+    def setattr(self, target, value):
+        import importlib
+
+        module, _, name = target.rpartition(".")
+        obj = importlib.import_module(module)
+        self.undo.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def restore(self):
+        for obj, name, value in reversed(self.undo):
+            setattr(obj, name, value)
+
+
+def render_catalogue() -> str:
+    """docs/errors.md, made by running every case on a fresh tiny model."""
     import tempfile
 
     from tests.conftest import CORPUS, tiny_llama, tiny_tokenizer
 
-    class _Patch:
-        def setattr(self, target, value):
-            module, _, name = target.rpartition(".")
-            import importlib
-            parts = module.split(".")
-            obj = importlib.import_module(".".join(parts[:2]))
-            for part in parts[2:]:
-                obj = getattr(obj, part)
-            self.undo = (obj, name, getattr(obj, name))
-            setattr(obj, name, value)
-
+    rows = []
     with tempfile.TemporaryDirectory() as root:
         root = Path(root)
         model_dir = root / "tiny"
@@ -192,15 +224,26 @@ if __name__ == "__main__":  # print the docs table from real runs
         tiny_tokenizer().save_pretrained(model_dir)
         text = root / "calibration.txt"
         text.write_text(CORPUS)
-        print("| problem | arguments (added to a valid `compress run`) | message |")
-        print("|---|---|---|")
         for number, case in enumerate(CASES):
             work = root / f"case{number}"
             work.mkdir()
             patch = _Patch()
-            code, output = run_case(case, work, materialize(work, model_dir), model_dir, text, patch)
-            if hasattr(patch, "undo"):
-                setattr(*patch.undo)
-            message = output.strip().replace(str(work), "…").replace(str(model_dir), "MODEL").replace("|", "\\|")
+            try:
+                code, output = run_case(case, work, materialize(work, model_dir), model_dir, text, patch)
+            finally:
+                patch.restore()
+            message = (output.strip().replace(str(work), "…").replace(str(model_dir), "MODEL")
+                       .replace(str(root), "…").replace("|", "\\|"))
             shown = " ".join(f"`{a}`" for a in case.args).replace("|", "\\|")
-            print(f"| {case.problem} | {shown} | {message} (exit {code}) |")
+            rows.append(f"| {case.problem} | {shown} | {message} (exit {code}) |\n")
+    return HEADER + "".join(rows)
+
+
+def test_catalogue_is_large_and_documented_byte_for_byte():
+    assert len(CASES) >= 30
+    assert render_catalogue() == ERRORS_MD.read_text(), "docs/errors.md is stale: run python -m tests.test_catalogue"
+
+
+if __name__ == "__main__":  # python -m tests.test_catalogue: rewrite docs/errors.md from real runs
+    ERRORS_MD.write_text(render_catalogue())
+    print(f"wrote {ERRORS_MD}")

@@ -69,7 +69,8 @@ def test_released_score_collapses_to_the_activation_norm_but_the_paper_score_doe
 
 def prune(model, **config):
     adapter = get_adapter(model)
-    ctx = StageContext(adapter, lambda passes: LayerwiseCapture(adapter, WINDOWS, 4), log=lambda _: None, windows=WINDOWS)
+    ctx = StageContext(adapter, lambda passes: LayerwiseCapture(adapter, WINDOWS, 4), log=lambda _: None,
+                       windows=WINDOWS)
     cls = METHODS["cfsp"]
     return cls(cls.Config(method="cfsp", **config)).run(ctx)
 

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-import torch
 from typer.testing import CliRunner
 
 import compress
@@ -63,13 +61,15 @@ def test_print_validate_ls_cp_eval(tiny_recipe, tmp_path):
     assert result.exit_code == 0 and "flap_20" in result.output and "smollm2-135m" in result.output
     result = runner.invoke(app, ["cp", "flap_20", str(tmp_path / "mine.yaml")])
     assert result.exit_code == 0 and (tmp_path / "mine.yaml").read_text().startswith("# FLAP 20%")
-    result = runner.invoke(app, ["validate", f"recipe={tmp_path / 'mine.yaml'}", f"model={tiny_recipe['model']['name']}",
-                                 f"calibration={tiny_recipe['calibration']['path']}", f"eval.text={tiny_recipe['eval']['text']}",
+    result = runner.invoke(app, ["validate", f"recipe={tmp_path / 'mine.yaml'}",
+                                 f"model={tiny_recipe['model']['name']}",
+                                 f"calibration={tiny_recipe['calibration']['path']}",
+                                 f"eval.text={tiny_recipe['eval']['text']}",
                                  "calibration.seq_len=32", "eval.seq_len=32"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["eval", f"model={tiny_recipe['model']['name']}", f"text={tiny_recipe['eval']['text']}",
                                  "ppl=2", "seq_len=32", "--quiet"])
-    assert result.exit_code == 0 and "ppl (2, 32 tokens)" in result.output
+    assert result.exit_code == 0 and "ppl (2, 32 tokens, " in result.output
 
 
 def test_python_api_takes_the_same_recipe(tiny_recipe, tmp_path):
@@ -82,3 +82,16 @@ def test_self_calibration_runs_without_data(tiny_recipe, tmp_path):
     tiny_recipe["calibration"] = {"source": "self", "num_samples": 4, "seq_len": 16, "batch_size": 2}
     report = compress.run(tiny_recipe, progress=False, log=lambda _: None)
     assert report["sparsity"]["achieved_decoder_linear"] > 0.2
+
+
+def test_eval_command_speaks_its_own_keys(tiny_recipe):
+    model = f"model={tiny_recipe['model']['name']}"
+    missing = runner.invoke(app, ["eval", model, "text=/no/such/test.txt"])
+    assert missing.exit_code == 2 and "set text=FILE" in missing.output and "eval.text" not in missing.output
+    wrong_key = runner.invoke(app, ["eval", model, "eval.text=/no/such/test.txt"])
+    assert wrong_key.exit_code == 2 and "unknown eval key 'eval.text'" in wrong_key.output
+    nothing = runner.invoke(app, ["eval", model, "ppl=none"])
+    assert nothing.exit_code == 2 and "ppl=none leaves nothing to do" in nothing.output
+    assert "Traceback" not in nothing.output and "internal error" not in nothing.output
+    packaged = runner.invoke(app, ["eval", model, "ppl=1", "seq_len=32", "--quiet"])
+    assert packaged.exit_code == 0 and "wikitext2 (packaged)" in packaged.output, packaged.output

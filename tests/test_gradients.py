@@ -66,7 +66,8 @@ def test_expert_gradients_are_cut_from_the_fused_tensors():
             experts = layer.mlp.experts
             width = experts.down_proj.shape[-1]
             for e in range(experts.down_proj.shape[0]):
-                grads = {"gate_proj": experts.gate_up_proj.grad[e, :width], "up_proj": experts.gate_up_proj.grad[e, width:],
+                grads = {"gate_proj": experts.gate_up_proj.grad[e, :width],
+                         "up_proj": experts.gate_up_proj.grad[e, width:],
                          "down_proj": experts.down_proj.grad[e]}
                 for name, grad in grads.items():
                     key = linear_key(i, f"mlp.experts.{e}.{name}")

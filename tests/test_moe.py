@@ -1,7 +1,7 @@
 """Mixture-of-experts models (Mixtral, Qwen3-MoE, OLMoE): experts are pruned as MLPs on the tokens routed
 to them (single weights, or channels with one width per layer and each expert its own channels),
-exports load with the stock classes; GBLM takes each expert's gradients from the fused tensors. FLAP 30% / Wanda 2:4 on every
-MoE adapter are in the architecture matrix (tests/test_architectures.py)."""
+exports load with the stock classes; GBLM takes each expert's gradients from the fused tensors. FLAP 30% /
+Wanda 2:4 on every MoE adapter are in the architecture matrix (tests/test_architectures.py)."""
 
 import json
 
@@ -104,7 +104,8 @@ def test_structured_stages_give_every_expert_its_own_channels_at_one_width(metho
     report = compress.run(recipe(model_dir, text_files, output, [stage]), progress=False, log=lambda _: None)
     assert 0.2 < report["sparsity"]["achieved_decoder_linear"] < 0.4
     assert report["export"]["reload_max_abs_logit_diff"] < 1e-4
-    pruned = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=report["export"]["trust_remote_code_needed"])
+    pruned = AutoModelForCausalLM.from_pretrained(output,
+                                                  trust_remote_code=report["export"]["trust_remote_code_needed"])
     # OLMoE's q/k norms span all heads: attention is kept, the experts carry the whole budget
     assert all(layer.self_attn.q_proj.out_features == 96 for layer in pruned.model.layers)
     distinct = 0
@@ -142,7 +143,8 @@ def test_expert_slots_weigh_experts_by_their_tokens_and_rank_idle_experts_by_wei
     assert idle == [2]
     from compress.arch.moe import expert_linears
 
-    rows = [method.mlp_scores(*expert_linears(adapter.experts(layer))[e], stats[f"mlp.{e}"]).sort(descending=True).values
+    rows = [method.mlp_scores(*expert_linears(adapter.experts(layer))[e], stats[f"mlp.{e}"])
+            .sort(descending=True).values
             for e in (0, 1, 3)]
     expected = 0.3 * rows[0] + 0.1 * rows[1] + 0.6 * rows[2]
     assert torch.allclose(slots, expected, rtol=1e-5)

@@ -61,6 +61,7 @@ def test_recovery_refuses_a_model_on_disk(tiny_recipe, tmp_path, text_files):
     from compress.errors import UserError
 
     stages = [{"method": "flap", "sparsity": 0.3},
-              {"method": "lora", "steps": 2, "batch_size": 2, "seq_len": 16, "data": {"path": str(text_files["calibration"])}}]
+              {"method": "lora", "steps": 2, "batch_size": 2, "seq_len": 16,
+               "data": {"path": str(text_files["calibration"])}}]
     with pytest.raises(UserError, match="needs every layer in memory"):
         run(tiny_recipe, tmp_path, "lora", stages, offload=True)

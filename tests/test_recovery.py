@@ -56,8 +56,8 @@ def test_wanda_2_4_then_recovery_keeps_exactly_2_4(tiny_recipe, text_files, tmp_
 def test_unmerged_adapter_exports_and_reproduces_its_perplexity(tiny_recipe, text_files):
     from peft import PeftModel
 
-    from compress.evaluate import eval_windows, perplexity
     from calibration.data import tokenize_text
+    from compress.evaluate import eval_windows, perplexity
 
     report = run(tiny_recipe, [{"method": "flap", "sparsity": 0.3}, lora_stage(text_files, merge=False)])
     details = report["stages"][1]

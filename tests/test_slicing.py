@@ -3,8 +3,15 @@
 import torch
 
 from compress.arch import get_adapter
-from compress.slicing import (attention_unit_params, compensation_bias, decoder_linear_params, group_channels,
-                              mlp_unit_params, slice_attention, slice_mlp)
+from compress.slicing import (
+    attention_unit_params,
+    compensation_bias,
+    decoder_linear_params,
+    group_channels,
+    mlp_unit_params,
+    slice_attention,
+    slice_mlp,
+)
 from tests.conftest import tiny_llama
 
 

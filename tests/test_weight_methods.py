@@ -22,7 +22,8 @@ def _gradient_cache(tmp_path, monkeypatch):
 def prune(model, method, **config):
     adapter = get_adapter(model)
     cls = METHODS[method]
-    ctx = StageContext(adapter, lambda passes: LayerwiseCapture(adapter, WINDOWS, 4), log=lambda _: None, windows=WINDOWS)
+    ctx = StageContext(adapter, lambda passes: LayerwiseCapture(adapter, WINDOWS, 4), log=lambda _: None,
+                       windows=WINDOWS)
     return cls(cls.Config(method=method, **config)).run(ctx)
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 import tempfile
-from contextlib import nullcontext
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -28,12 +28,19 @@ from compress.allocation import UnitScores, round_widths
 from compress.arch.base import Adapter
 from compress.config_base import StageConfig
 from compress.offload import onloaded
-from compress.slicing import (LeastSquaresCompensation, MeanCompensation, attention_unit_params,
-                              layer_linear_tensors, mlp_unit_params, set_layer_linears, slice_attention, slice_experts,
-                              slice_mlp)
+from compress.slicing import (
+    LeastSquaresCompensation,
+    MeanCompensation,
+    attention_unit_params,
+    layer_linear_tensors,
+    mlp_unit_params,
+    set_layer_linears,
+    slice_attention,
+    slice_experts,
+    slice_mlp,
+)
 from compress.stats import ChannelStats, input_stats
 from compress.workdir import StageFolder, save_atomic
-
 
 # Experts' widths are multiples of this: transformers' default (grouped matmul) experts forward needs
 # every weight row stride to be a multiple of 16 bytes, i.e. 8 bfloat16 / 4 float32 values.
@@ -83,8 +90,8 @@ class StoredLeastSquares:
 
     def columns(self, linear, kept):
         tensors = load_file(self.path, device="cpu")
-        solver = LeastSquaresCompensation(tensors[f"{self.kind}.mean"], tensors[f"{self.kind}.covariance"], self.damping,
-                                          intercept=not is_expert_kind(self.kind))
+        solver = LeastSquaresCompensation(tensors[f"{self.kind}.mean"], tensors[f"{self.kind}.covariance"],
+                                          self.damping, intercept=not is_expert_kind(self.kind))
         return solver.columns(linear, kept)
 
 
@@ -129,7 +136,8 @@ class StructuredMethod(Method):
     def mlp_scores(self, gate: nn.Module, up: nn.Module, down: nn.Module, stats: ChannelStats) -> torch.Tensor:
         """Score of each intermediate channel of one gated MLP (a layer's, or one expert's)."""
 
-    def score_layer(self, index: int, adapter: Adapter, layer: nn.Module, stats: dict[str, ChannelStats]) -> LayerScores:
+    def score_layer(self, index: int, adapter: Adapter, layer: nn.Module,
+                    stats: dict[str, ChannelStats]) -> LayerScores:
         """Scores of the layer's attention units and MLP channels from its input statistics."""
         groups = self.attention_scores(adapter, layer, stats["attention"])
         if adapter.experts(layer) is None:
@@ -220,7 +228,8 @@ class StructuredMethod(Method):
         return {kind: StoredLeastSquares(path, kind, damping) for kind in stats}
 
     @staticmethod
-    def unit_scores(index: int, adapter: Adapter, layer: nn.Module, attention: torch.Tensor, mlp: torch.Tensor) -> list[UnitScores]:
+    def unit_scores(index: int, adapter: Adapter, layer: nn.Module, attention: torch.Tensor,
+                    mlp: torch.Tensor) -> list[UnitScores]:
         return [
             UnitScores(index, "attention", attention, attention_unit_params(adapter, layer),
                        removable=adapter.attention_prunable),
@@ -370,7 +379,8 @@ class WeightMethod(Method):
         for index, layer in capture.layers():
             linears = adapter.decoder_linears(layer)
             groups = adapter.input_groups(layer)
-            with input_stats({group[0]: linears[group[0]] for group in groups}, where=f"decoder layer {index}") as shared:
+            with input_stats({group[0]: linears[group[0]] for group in groups},
+                             where=f"decoder layer {index}") as shared:
                 # a statistics-only pass stops once the last linear's input is seen
                 capture.forward(index, layer, advance=advance, stop_at=None if advance else linears[groups[-1][0]])
             stats = {name: shared[group[0]] for group in groups for name in group}

@@ -54,7 +54,8 @@ class Gblm(WeightMethod):
     def prepare(self, ctx):
         cfg = self.config
         if ctx.windows is None or len(ctx.windows) == 0:
-            raise UserError("gblm needs calibration data for its gradients; set calibration.path= (or calibration=self)")
+            raise UserError("gblm needs calibration data for its gradients; "
+                            "set calibration=FILE (or calibration=self)")
         bar = ctx.make_bar("gradients", len(ctx.windows), "seq") if ctx.make_bar else None
         self.gradients = cached_gradient_norms(ctx.adapter, ctx.windows, cfg.gradient_norm, cfg.gradient_checkpointing,
                                                cfg.cache_gradients, progress=bar.update if bar else None, log=ctx.log)
