@@ -1,0 +1,241 @@
+"""Golden digests: every recipe shape, run on tiny in-process models, writes exactly the pinned bytes.
+
+A safety net for behaviour-preserving refactors. Each shape below runs `compress.run` end to end on a
+tiny random model (tests.conftest) with a short calibration on CORPUS and a 2-window perplexity on
+CORPUS[::-1], then hashes with SHA-256:
+
+- every `*.safetensors` file in the output folder (and `adapter/adapter_model.safetensors` when a LoRA
+  stage keeps its adapter unmerged);
+- `report.json`, cleaned of what changes from run to run or machine to machine (the VOLATILE_KEYS
+  below: wall-clock times, memory peaks, package versions) and with the temporary folder replaced by
+  "<TMP>" wherever a string holds it, serialised with `json.dumps(report, sort_keys=True)`. Perplexities
+  and every other float stay in: they are deterministic on one machine (tests/test_determinism.py).
+
+The pinned GOLDEN digests were computed on the machine that runs this suite (CPU, at most 2 threads, as
+tests/conftest.py sets). Float results can differ with another torch build, CPU or thread count.
+
+Regenerate the constants (prints the dict literal to paste over GOLDEN below):
+
+    python -m tests.test_golden                  # every shape; or name shapes: ... flap moe-flap
+
+A refactor must leave every digest unchanged. A deliberate change of output (a fix, a new report
+field, a new default) must update GOLDEN in the same commit, and the commit message must say why the
+bytes changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CORPUS, tiny_model, tiny_tokenizer
+from tests.test_offload import FORCE_DISK
+
+# Keys removed wherever they occur in report.json: wall-clock times and throughputs (the pipeline's
+# per-phase `seconds`, the LoRA stage's `train_seconds` / `tokens_per_second`), memory peaks, versions.
+VOLATILE_KEYS = frozenset({"seconds", "peak_rss_mib", "peak_rss_mib_by_phase", "versions", "compress_version",
+                           "train_seconds", "tokens_per_second"})
+TMP = "<TMP>"
+
+LORA = {"method": "lora", "steps": 2, "batch_size": 2, "seq_len": 16}  # + data: the calibration file
+
+# shape name -> (model type of tests.conftest.tiny_model, stages, extra model options)
+SHAPES: dict[str, tuple[str, list[dict], dict]] = {
+    "flap": ("llama", [{"method": "flap", "sparsity": 0.3}], {}),
+    "flap-uniform": ("llama", [{"method": "flap", "sparsity": 0.3, "uniform": True}], {}),
+    "wanda_sp": ("llama", [{"method": "wanda_sp", "sparsity": 0.3}], {}),
+    "cfsp": ("llama", [{"method": "cfsp", "sparsity": 0.3}], {}),
+    "wanda-50": ("llama", [{"method": "wanda", "sparsity": 0.5}], {}),
+    "wanda-2:4": ("llama", [{"method": "wanda", "sparsity": 0.5, "pattern": "2:4"}], {}),
+    "magnitude-2:4": ("llama", [{"method": "magnitude", "sparsity": 0.5, "pattern": "2:4"}], {}),
+    "gblm-2:4": ("llama", [{"method": "gblm", "sparsity": 0.5, "pattern": "2:4", "cache_gradients": False}], {}),
+    "flap+wanda-2:4": ("llama", [{"method": "flap", "sparsity": 0.3, "round_to": 8},
+                                 {"method": "wanda", "sparsity": 0.5, "pattern": "2:4"}], {}),
+    "flap+lora": ("llama", [{"method": "flap", "sparsity": 0.3}, LORA], {}),
+    "flap+lora-unmerged": ("llama", [{"method": "flap", "sparsity": 0.3}, {**LORA, "merge": False}], {}),
+    "moe-flap": ("mixtral", [{"method": "flap", "sparsity": 0.3}], {}),
+    "moe-wanda": ("qwen3_moe", [{"method": "wanda", "sparsity": 0.5}], {}),
+    "offload-flap": ("llama", [{"method": "flap", "sparsity": 0.3}], {"max_memory": FORCE_DISK}),
+}
+
+GOLDEN: dict[str, dict[str, str]] = {
+    "flap": {
+        "model.safetensors": "620a1bcbe54699a2df32dd770be138cf725e61be9e51db77d89bb8d3413a0488",
+        "report.json": "2edcce0ef4fd7e096b51e181a77f9363dfe6be25d736d3a64da5053fa74a09ff",
+    },
+    "flap-uniform": {
+        "model.safetensors": "0e11efc9b93960df2e42fbbfcce61ec6299f21870158c1f44327d629d0f20ed4",
+        "report.json": "2d93eb09cab3a6bdac883146beb58627df622148809b50150fce2b2afd5529a3",
+    },
+    "wanda_sp": {
+        "model.safetensors": "f1f854e5067730d0e5d3049c0ed35fae36f51dc0105eee2f063eab281d1f356f",
+        "report.json": "cfd0008633a122e78d1dace1e8342cd1c7e841fe054eb470aaf961336c31f888",
+    },
+    "cfsp": {
+        "model.safetensors": "1ba0dc5dd2099ae62ae382b6e70d4f97f05a2f3d7c9a809a103a44736c32b136",
+        "report.json": "50d86294f539c37223c3e8e34d10ba080f6eed450dc14807e86edd1d52d0cc62",
+    },
+    "wanda-50": {
+        "model.safetensors": "0b6f0a0a427172b9689c6fe3414541b0749c5bd5efcfc8c30c8ac117cfa564bf",
+        "report.json": "0dbc5456bcd75ad5d0b38e5406691418bed4e48337bcb1c660177dede13fd9bb",
+    },
+    "wanda-2:4": {
+        "model.safetensors": "e05a9b126d01d554b32dae9ecb9dc7f3b9fa964ecb57652f9a45a3287dc30801",
+        "report.json": "ecd7c535f8920a69e7fe9de32f3649e64c69734428d6c408759d37c4a86fdfd3",
+    },
+    "magnitude-2:4": {
+        "model.safetensors": "86af6c29ce35c9fdbc329463c6a27e8773774933139f7d012cecbb5e54092298",
+        "report.json": "32e16c9fe99cdf0523e4c511810f9dbcc7d143bf095ab17273da8da997252741",
+    },
+    "gblm-2:4": {
+        "model.safetensors": "db25bbbe16d260beb8629b6e9b356f662472ab763605511b802d7720b8520c4f",
+        "report.json": "5c029ded77a0b1e347547146b5d09dbc46cba708c43430e695b29296f1f151f9",
+    },
+    "flap+wanda-2:4": {
+        "model.safetensors": "40982e059eeb71ab0f223bde117cdb0e700fca75a2acdb6ddccbc94034f74993",
+        "report.json": "beb1503c3cc442aded64cbad17498d585bf76796878753f0eafc9b590e41a5aa",
+    },
+    "flap+lora": {
+        "model.safetensors": "1d335a1edab18e292cdf78183ecb7a38f445ac824b2f8e8641db3c6113d12284",
+        "report.json": "afada4162c6e37efa40904206c817ed5887b75a7d03ddb91fed67b3099e10460",
+    },
+    "flap+lora-unmerged": {
+        "model.safetensors": "620a1bcbe54699a2df32dd770be138cf725e61be9e51db77d89bb8d3413a0488",
+        "adapter/adapter_model.safetensors": "4468c9414b8f83deef7090419f0465da017d6d3be27b9957369a048b2dfdf772",
+        "report.json": "9716adb1f97074e78b468cfa8d2dfe10af0f6004c40b6388ac8b614a5af8fee8",
+    },
+    "moe-flap": {
+        "model.safetensors": "eb6f6b675560259c0cd369679025a842e757978b0d31ae95e067eff420022f72",
+        "report.json": "a3fe7dec68e9d946bbd03b38a9926892c8519d36db89e4f35e8e0d8436166d86",
+    },
+    "moe-wanda": {
+        "model.safetensors": "f7b9482bd726f325c60a5361120eb4c41e1bf8ebbb401bed84cf0baed4387d87",
+        "report.json": "88cf9e928cbf0c9d0003cc8be18f5d76ce858119f91d18f046842f55394382a7",
+    },
+    "offload-flap": {
+        "model.safetensors": "620a1bcbe54699a2df32dd770be138cf725e61be9e51db77d89bb8d3413a0488",
+        "report.json": "c9758173337b28d448264b124308df95d686b83126eb63902b35c1888e636f34",
+    },
+}
+
+
+# ---- running one shape -------------------------------------------------------------------------
+def _text_files(root: Path) -> dict[str, Path]:
+    folder = root / "text"
+    files = {"calibration": folder / "calibration.txt", "test": folder / "test.txt"}
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        files["calibration"].write_text(CORPUS)
+        files["test"].write_text(CORPUS[::-1])  # never calibrate on the evaluation text
+    return files
+
+
+def _model_dir(root: Path, model_type: str) -> Path:
+    folder = root / "models" / model_type
+    if not folder.is_dir():
+        tiny_model(model_type).save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def shape_recipe(name: str, root: Path) -> dict:
+    model_type, stages, model_options = SHAPES[name]
+    text = _text_files(root)
+    stages = [{**stage, "data": {"source": "text", "path": str(text["calibration"])}} if stage["method"] == "lora"
+              else dict(stage) for stage in stages]
+    folder = root / "".join(c if c.isalnum() else "_" for c in name)  # no ':' or '+' in paths
+    model = {"name": str(_model_dir(root, model_type)), **model_options}
+    if "max_memory" in model:
+        model["max_memory"] = dict(model["max_memory"])
+        model["offload_folder"] = str(folder / "offload")
+    return {
+        "model": model,
+        "calibration": {"source": "text", "path": str(text["calibration"]), "num_samples": 8, "seq_len": 32,
+                        "batch_size": 4},
+        "stages": stages,
+        "export": {"output": str(folder / "out")},
+        "eval": {"ppl": 2, "text": str(text["test"]), "seq_len": 32},
+    }
+
+
+def _clean(value, roots: tuple[str, ...]):
+    if isinstance(value, dict):
+        return {key: _clean(item, roots) for key, item in value.items() if key not in VOLATILE_KEYS}
+    if isinstance(value, list):
+        return [_clean(item, roots) for item in value]
+    if isinstance(value, str):
+        for root in roots:
+            value = value.replace(root, TMP)
+    return value
+
+
+def cleaned_report(output: Path, root: Path) -> str:
+    report = json.loads((output / "report.json").read_text())
+    roots = tuple(sorted({str(root), str(root.resolve())}, key=len, reverse=True))
+    return json.dumps(_clean(report, roots), sort_keys=True)
+
+
+def digests(output: Path, root: Path) -> dict[str, str]:
+    files = sorted(output.glob("*.safetensors"))
+    if (output / "adapter" / "adapter_model.safetensors").is_file():
+        files.append(output / "adapter" / "adapter_model.safetensors")
+    found = {path.relative_to(output).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
+    found["report.json"] = hashlib.sha256(cleaned_report(output, root).encode()).hexdigest()
+    return found
+
+
+def run_shape(name: str, root: Path) -> dict[str, str]:
+    import compress
+
+    recipe = shape_recipe(name, root)
+    logs: list[str] = []
+    compress.run(recipe, progress=False, log=logs.append)
+    if "max_memory" in recipe["model"]:
+        assert any("3 of 3 decoder layers on disk" in line for line in logs), "the offloaded shape did not offload"
+    return digests(Path(recipe["export"]["output"]), root)
+
+
+# ---- the test ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def golden_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("golden")
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_output_bytes_match_the_pinned_digests(name, golden_root):
+    assert name in GOLDEN, f"no pinned digests for shape '{name}': run `python -m tests.test_golden`"
+    found = run_shape(name, golden_root)
+    expected = GOLDEN[name]
+    changed = [f"{file}: expected {expected.get(file, '(absent)')}, got {found.get(file, '(absent)')}"
+               for file in sorted(expected.keys() | found.keys()) if expected.get(file) != found.get(file)]
+    output = Path(shape_recipe(name, golden_root)["export"]["output"])
+    assert not changed, (f"shape '{name}' wrote different bytes (output kept in {output}):\n  " + "\n  ".join(changed) +
+                         "\nIf the change is deliberate, regenerate with `python -m tests.test_golden` and say why in "
+                         "the commit message.")
+
+
+def _literal(table: dict[str, dict[str, str]]) -> str:
+    lines = ["GOLDEN: dict[str, dict[str, str]] = {"]
+    for name, files in table.items():
+        lines.append(f"    {name!r}: {{")
+        lines.extend(f"        {file!r}: {digest!r}," for file, digest in files.items())
+        lines.append("    },")
+    lines.append("}")
+    return "\n".join(lines).replace("'", '"')
+
+
+def main() -> None:
+    names = sys.argv[1:] or list(SHAPES)
+    with tempfile.TemporaryDirectory(prefix="compress-golden-") as folder, contextlib.redirect_stdout(sys.stderr):
+        table = {name: run_shape(name, Path(folder)) for name in names}  # stdout: the literal alone
+    print(_literal(table))
+
+
+if __name__ == "__main__":
+    main()
