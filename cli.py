@@ -96,7 +96,7 @@ def run(args: list[str] = ARGS,
     """Prune a model as the recipe says and write the checkpoint."""
 
     def action():
-        from compress.pipeline import run as run_pipeline
+        from compress.runner.pipeline import run as run_pipeline
 
         recipe = _load(args, ["export.overwrite=true"] if overwrite else [])
         start = time.perf_counter()
@@ -131,7 +131,7 @@ def validate(args: list[str] = ARGS, debug: bool = DEBUG):
     """Check a recipe (schema, model source, data files, output folder) without loading weights."""
 
     def action():
-        from compress.pipeline import preflight
+        from compress.runner.pipeline import preflight
 
         recipe = _load(args)
         preflight(recipe, export=recipe.export.output is not None)
@@ -155,8 +155,8 @@ def print_recipe(args: list[str] = ARGS, debug: bool = DEBUG):
 @app.command(name="ls")
 def list_things():
     """List packaged recipes, methods and built-in models."""
-    from compress.loading import BUILTINS
     from compress.methods import METHODS
+    from compress.model.loading import BUILTINS
     from compress.recipe import RECIPES_DIR, packaged_recipes
 
     typer.echo("recipes:")
@@ -201,9 +201,9 @@ def evaluate(args: list[str] = ARGS, quiet: bool = typer.Option(False, "--quiet"
 
         from calibration.data import describe_source
         from compress.errors import UserError
-        from compress.loading import load_model
-        from compress.pipeline import _Progress, check_eval, check_model, evaluate_ppl
+        from compress.model.loading import load_model
         from compress.recipe import EvalConfig, ModelConfig, parse_value
+        from compress.runner.pipeline import _Progress, check_eval, check_model, evaluate_ppl
 
         values = {}
         for arg in args or []:

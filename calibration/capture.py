@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from compress.errors import NonFiniteInput, NumericalError
-from compress.offload import model_device, onloaded
+from compress.model.offload import model_device, onloaded
 
 
 class LayerwiseCapture:

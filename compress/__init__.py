@@ -19,8 +19,8 @@ def load_recipe(recipe, overrides=None):
 
 def run(recipe, overrides=None, progress: bool = True, log=print):
     """Run a recipe (a `Recipe`, a YAML path, a packaged name or a dict) end to end; returns the report."""
-    from compress.pipeline import run as _run
     from compress.recipe import Recipe
+    from compress.runner.pipeline import run as _run
 
     if not isinstance(recipe, Recipe) or overrides:
         recipe = load_recipe(recipe if not isinstance(recipe, Recipe) else recipe.model_dump(), overrides)
@@ -33,14 +33,14 @@ def load(path, dtype=None, semi_structured: bool = False):
     `semi_structured=True` (2:4 checkpoints, NVIDIA GPU with compute capability >= 8.0): move the
     model to the GPU in float16 (or `dtype`) and store every 2:4 linear as a
     `torch.sparse` semi-structured tensor so matmuls run on the sparse tensor cores. Elsewhere it
-    stops with a message saying why; see `compress.semi_structured`.
+    stops with a message saying why; see `compress.export.semi_structured`.
     """
     import torch
 
-    from compress.loading import load_pruned
+    from compress.model.loading import load_pruned
 
     if semi_structured:
-        from compress.semi_structured import convert, require_sparse_gpu
+        from compress.export.semi_structured import convert, require_sparse_gpu
 
         require_sparse_gpu()  # fail before reading the weights
         model = load_pruned(path, dtype=dtype or torch.float16)

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from compress.config_base import DataSource, StageConfig, Strict, source_for_file
+from compress.config import DataSource, StageConfig, Strict, source_for_file
 from compress.errors import UserError
 from compress.methods import METHODS
 

@@ -128,8 +128,8 @@ class StageFolder:
     # ---- the finished stage -------------------------------------------------------------------
     def save_result(self, adapter, details: dict) -> None:
         """Every layer's decoder linears (one file per layer, so memory stays flat), then the marker."""
-        from compress.offload import onloaded
-        from compress.slicing import layer_linear_tensors
+        from compress.model.offload import onloaded
+        from compress.ops.slicing import layer_linear_tensors
 
         for index, layer in enumerate(adapter.layers()):
             with onloaded(layer, adapter.offload_store, f"layer-{index:04d}", write_back=False):
@@ -157,8 +157,8 @@ class StageFolder:
 
     def restore_result(self, adapter) -> dict | None:
         """Put a finished stage's layers into the model; its report details, or None if unfinished."""
-        from compress.offload import onloaded
-        from compress.slicing import set_layer_linears
+        from compress.model.offload import onloaded
+        from compress.ops.slicing import set_layer_linears
 
         marker = self.load("result")
         if marker is None:

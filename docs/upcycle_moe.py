@@ -23,7 +23,7 @@ import torch
 from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from compress.loading import builtin_folder, load_model  # noqa: E402
+from compress.model.loading import builtin_folder, load_model  # noqa: E402
 
 
 def upcycle(dense, experts: int, top_k: int, seed: int) -> MixtralForCausalLM:

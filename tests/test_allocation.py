@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from compress.allocation import UnitScores, global_allocation, same_width_allocation, uniform_allocation
+from compress.ops.allocation import UnitScores, global_allocation, same_width_allocation, uniform_allocation
 
 
 def _units(layers=4, groups=3, channels=200, seed=0):
@@ -61,7 +61,7 @@ def test_same_width_allocation_gives_one_width_per_kind():
 
 
 def test_round_widths_gives_multiples_and_keeps_the_best():
-    from compress.allocation import round_widths
+    from compress.ops.allocation import round_widths
     units = _units(channels=200)
     keep = global_allocation(units, 0.3)
     rounded = round_widths(units, keep, 8)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import compress
 from compress.arch import get_adapter
-from compress.masks import follows_nm
+from compress.ops.masks import follows_nm
 from tests.conftest import TINY_ARCHITECTURES, TINY_MOE_ARCHITECTURES, tiny_model, tiny_tokenizer
 
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(5))

@@ -43,7 +43,7 @@ def test_window_sampling_follows_protocol():
 
 
 def test_statistics_pass_stopped_early_sees_the_same_inputs():
-    from compress.stats import input_stats
+    from calibration.stats import input_stats
     model = tiny_llama()
     adapter = get_adapter(model)
     windows = torch.randint(0, 320, (6, 24), generator=torch.Generator().manual_seed(0))

@@ -5,12 +5,12 @@ import torch
 from torch import nn
 
 from calibration.capture import LayerwiseCapture
+from calibration.stats import angular_distance
 from compress.arch import get_adapter
 from compress.methods import METHODS
 from compress.methods.base import StageContext
 from compress.methods.cfsp import block_keep_ratios, importance_weights, relative_share
-from compress.slicing import decoder_linear_params
-from compress.stats import angular_distance
+from compress.ops.slicing import decoder_linear_params
 from tests.conftest import tiny_llama
 
 WINDOWS = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))

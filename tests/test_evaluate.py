@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from compress.evaluate import eval_windows, perplexity
+from compress.model.evaluate import eval_windows, perplexity
 from tests.conftest import tiny_llama
 
 

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 import compress
 from compress.arch import get_adapter
 from compress.errors import UserError
-from compress.export import check_output_dir, write_checkpoint
-from compress.slicing import slice_attention, slice_mlp
+from compress.export.checkpoint import check_output_dir, write_checkpoint
+from compress.ops.slicing import slice_attention, slice_mlp
 from tests.conftest import tiny_llama, tiny_tokenizer
 
 IDS = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(3))
@@ -74,7 +74,7 @@ def test_uniform_export_is_a_stock_checkpoint(tmp_path):
 
 
 def test_failed_verification_leaves_nothing_behind(tmp_path, monkeypatch):
-    import compress.export as export
+    import compress.export.checkpoint as export
 
     model, adapter = _per_layer_model()
     monkeypatch.setattr(export, "max_logit_difference", lambda *a, **k: 1.0)
@@ -103,7 +103,7 @@ def test_sharded_export_reloads(tmp_path):
 
 
 def test_export_refuses_a_checkpoint_that_breaks_its_nm_pattern(tmp_path):
-    from compress.masks import apply_mask, nm_mask
+    from compress.ops.masks import apply_mask, nm_mask
     from tests.conftest import tiny_llama
 
     model = tiny_llama()

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from calibration.gradients import cached_gradient_norms, gradient_norms, linear_key
 from compress.arch import get_adapter
-from compress.gradients import cached_gradient_norms, gradient_norms, linear_key
 from tests.conftest import tiny_llama, tiny_model
 
 WINDOWS = torch.randint(0, 320, (3, 16), generator=torch.Generator().manual_seed(1))

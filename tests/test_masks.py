@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from compress.errors import UserError
-from compress.masks import follows_nm, make_mask, nm_mask, parse_pattern, unstructured_mask, zero_fraction
+from compress.ops.masks import follows_nm, make_mask, nm_mask, parse_pattern, unstructured_mask, zero_fraction
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compress.memory import release_file_pages
+from compress.model.memory import release_file_pages
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise release is Linux-only")

@@ -7,7 +7,7 @@ from calibration.capture import LayerwiseCapture
 from compress.arch import get_adapter
 from compress.methods import METHODS
 from compress.methods.base import StageContext
-from compress.slicing import decoder_linear_params
+from compress.ops.slicing import decoder_linear_params
 from tests.conftest import tiny_llama
 
 WINDOWS = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))

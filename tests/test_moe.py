@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import compress
 from compress.arch import get_adapter
-from compress.masks import follows_nm, zero_fraction
+from compress.ops.masks import follows_nm, zero_fraction
 from tests.conftest import TINY_MOE_ARCHITECTURES, tiny_model, tiny_tokenizer
 from tests.test_architectures import _logits as logits
 from tests.test_architectures import _recipe as recipe
@@ -126,8 +126,8 @@ def test_structured_stages_give_every_expert_its_own_channels_at_one_width(metho
 
 
 def test_expert_slots_weigh_experts_by_their_tokens_and_rank_idle_experts_by_weights():
+    from calibration.stats import ChannelStats
     from compress.methods.flap import Flap, FlapConfig
-    from compress.stats import ChannelStats
 
     model = tiny_model("mixtral")
     adapter = get_adapter(model)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import compress
+from calibration.gradients import gradient_norms
 from compress.arch import get_adapter
 from compress.errors import NumericalError
-from compress.gradients import gradient_norms
 from tests.conftest import tiny_llama
 
 

@@ -6,9 +6,9 @@ import torch
 import compress
 from compress import pipeline
 from compress.arch import get_adapter
-from compress.masks import follows_nm
+from compress.methods.lora import LoraConfig, layer_ranks, lr_factor
+from compress.ops.masks import follows_nm
 from compress.recipe import load_recipe
-from compress.recovery import LoraConfig, layer_ranks, lr_factor
 
 
 def lora_stage(text_files, **overrides):
@@ -57,7 +57,7 @@ def test_unmerged_adapter_exports_and_reproduces_its_perplexity(tiny_recipe, tex
     from peft import PeftModel
 
     from calibration.data import tokenize_text
-    from compress.evaluate import eval_windows, perplexity
+    from compress.model.evaluate import eval_windows, perplexity
 
     report = run(tiny_recipe, [{"method": "flap", "sparsity": 0.3}, lora_stage(text_files, merge=False)])
     details = report["stages"][1]
@@ -132,7 +132,7 @@ def test_two_processes_train_data_parallel_like_one(tiny_recipe, text_files, tmp
 
 def test_instruction_records_are_formatted_by_the_template(tmp_path):
     from compress.errors import UserError
-    from compress.recovery import RecoveryDataConfig, recovery_text
+    from compress.methods.lora import RecoveryDataConfig, recovery_text
 
     data = tmp_path / "instructions.jsonl"
     data.write_text('{"instruction": "Add 2 and 3.", "output": "5"}\n\n{"instruction": "Say hi.", "output": "hi"}\n')

@@ -6,8 +6,8 @@ import torch
 import compress
 from compress.arch import get_adapter
 from compress.errors import UserError
-from compress.masks import apply_mask, nm_mask
-from compress.semi_structured import plan, require_sparse_gpu, shape_constraints
+from compress.export.semi_structured import plan, require_sparse_gpu, shape_constraints
+from compress.ops.masks import apply_mask, nm_mask
 from tests.conftest import tiny_llama
 
 

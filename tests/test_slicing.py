@@ -3,7 +3,7 @@
 import torch
 
 from compress.arch import get_adapter
-from compress.slicing import (
+from compress.ops.slicing import (
     attention_unit_params,
     compensation_bias,
     decoder_linear_params,
@@ -85,7 +85,7 @@ def test_unit_parameter_counts_match_actual_removal():
 
 
 def test_least_squares_compensation_recovers_linearly_dependent_inputs():
-    from compress.slicing import LeastSquaresCompensation
+    from compress.ops.slicing import LeastSquaresCompensation
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(6, 4, bias=False)
@@ -98,7 +98,7 @@ def test_least_squares_compensation_recovers_linearly_dependent_inputs():
 
 
 def test_least_squares_never_worse_than_mean_on_the_calibration_data():
-    from compress.slicing import LeastSquaresCompensation, MeanCompensation
+    from compress.ops.slicing import LeastSquaresCompensation, MeanCompensation
 
     torch.manual_seed(1)
     linear = torch.nn.Linear(12, 5, bias=False)

@@ -16,7 +16,7 @@ methods (FLAP, Wanda-sp, CFSP) remove expert channels: the fused layout needs on
 layer, so every expert of a layer keeps the same number of channels, each expert its own best
 ones (see `compress.methods.base.StructuredMethod.expert_scores`). Removing whole experts (STUN)
 is not supported yet. GBLM's gradients are taken on the fused tensors and cut back per expert
-(`compress.gradients.trainable_targets`).
+(`calibration.gradients.trainable_targets`).
 """
 
 from __future__ import annotations

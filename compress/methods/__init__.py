@@ -1,25 +1,18 @@
-"""Pruning methods. One file per method; each registers its name, config class and implementation."""
+"""Pruning methods. One file per method; each registers its name, config class and implementation
+with `@register` (compress.methods.registry). Importing this package imports every method module in
+it, so a new method is one new file here (plus, if you like, a recipe in recipes/)."""
 
 from __future__ import annotations
 
-from compress.methods.base import Method
+import importlib
+import pkgutil
 
-METHODS: dict[str, type[Method]] = {}
+from compress.methods.registry import METHODS, get_method, register
 
+# the shared parts, not methods
+_NOT_METHODS = {"base", "registry", "structured", "weight", "weight_config"}
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module not in _NOT_METHODS:
+        importlib.import_module(f"{__name__}.{_module}")
 
-def register(cls: type[Method]) -> type[Method]:
-    METHODS[cls.name] = cls
-    return cls
-
-
-def get_method(name: str) -> type[Method]:
-    return METHODS[name]
-
-
-from compress import recovery as _recovery  # noqa: E402,F401
-from compress.methods import cfsp as _cfsp  # noqa: E402,F401
-from compress.methods import flap as _flap  # noqa: E402,F401
-from compress.methods import gblm as _gblm  # noqa: E402,F401
-from compress.methods import magnitude as _magnitude  # noqa: E402,F401
-from compress.methods import wanda as _wanda  # noqa: E402,F401
-from compress.methods import wanda_sp as _wanda_sp  # noqa: E402,F401
+__all__ = ["METHODS", "get_method", "register"]

@@ -20,7 +20,7 @@
 * Removed inputs are compensated like FLAP (`compensation: least_squares` default, our extension;
   `bias`; `none` as the paper).
 * The coarse importance is reported (`block_importance`) and drives importance-guided LoRA
-  recovery (`method: lora`, `rank_allocation: importance`, see compress.recovery).
+  recovery (`method: lora`, `rank_allocation: importance`, see compress.methods.lora).
 
     - method: cfsp
       sparsity: 0.2
@@ -34,13 +34,14 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from compress.allocation import _keep_top, global_allocation
-from compress.config_base import StructuredStageConfig
+from calibration.stats import angular_distance
+from compress.config import StructuredStageConfig
 from compress.errors import UserError
-from compress.methods import register
-from compress.methods.base import LayerScores, StageContext, StructuredMethod
+from compress.methods.base import LayerScores, StageContext
 from compress.methods.flap import standardize
-from compress.stats import angular_distance
+from compress.methods.registry import register
+from compress.methods.structured import StructuredMethod
+from compress.ops.allocation import _keep_top, global_allocation
 
 
 class CfspConfig(StructuredStageConfig):

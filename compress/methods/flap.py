@@ -36,10 +36,10 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from compress.allocation import global_allocation, same_width_allocation, uniform_allocation
-from compress.config_base import StructuredStageConfig
-from compress.methods import register
-from compress.methods.base import StructuredMethod
+from compress.config import StructuredStageConfig
+from compress.methods.registry import register
+from compress.methods.structured import StructuredMethod
+from compress.ops.allocation import global_allocation, same_width_allocation, uniform_allocation
 
 
 class FlapConfig(StructuredStageConfig):
@@ -47,7 +47,7 @@ class FlapConfig(StructuredStageConfig):
     metric: Literal["IFV", "WIFV", "WIFN"] = "WIFV"
     structure: Literal["AL-AM", "UL-UM"] = "AL-AM"
     compensation: Literal["least_squares", "bias", "none"] = Field(
-        "least_squares", description="how o_proj/down_proj absorb the removed inputs (see compress.slicing)")
+        "least_squares", description="how o_proj/down_proj absorb the removed inputs (see compress.ops.slicing)")
     square_attention_metric: bool = Field(True, description="square the o_proj metric as the reference code does")
     uniform: bool = Field(False, description="one width per kind in every layer (stock config, no custom code)")
 

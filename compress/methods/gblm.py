@@ -6,7 +6,7 @@ Wanda's score plus a first-order term from the dense model's language-modelling 
 
 * G_ij: norm across calibration samples of the per-sample gradient dL_n/dW_ij (`gradient_norm:
   l2`, default, or `l1`), computed once on the model entering the stage (gradient checkpointing,
-  float32 accumulators, see `compress.gradients`) and cached as safetensors, so a second run at
+  float32 accumulators, see `calibration.gradients`) and cached as safetensors, so a second run at
   another sparsity or pattern skips it.
 * a_j: the activation norm of input j, from the layer-by-layer capture through the already
   pruned earlier layers (as in Wanda). `scaling: code` (default) uses the released code's
@@ -29,11 +29,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from compress.config_weight import WeightStageConfig
+from calibration.gradients import cached_gradient_norms, linear_key
 from compress.errors import UserError
-from compress.gradients import cached_gradient_norms, linear_key
-from compress.methods import register
-from compress.methods.base import WeightMethod
+from compress.methods.registry import register
+from compress.methods.weight import WeightMethod
+from compress.methods.weight_config import WeightStageConfig
 
 
 class GblmConfig(WeightStageConfig):

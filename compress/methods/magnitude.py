@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from compress.config_weight import WeightStageConfig
-from compress.methods import register
-from compress.methods.base import WeightMethod
+from compress.methods.registry import register
+from compress.methods.weight import WeightMethod
+from compress.methods.weight_config import WeightStageConfig
 
 
 class MagnitudeConfig(WeightStageConfig):

@@ -16,16 +16,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from compress.allocation import uniform_allocation
-from compress.config_base import StructuredStageConfig
-from compress.methods import register
-from compress.methods.base import StructuredMethod
+from compress.config import StructuredStageConfig
+from compress.methods.registry import register
+from compress.methods.structured import StructuredMethod
+from compress.ops.allocation import uniform_allocation
 
 
 class WandaSpConfig(StructuredStageConfig):
     method: Literal["wanda_sp"] = "wanda_sp"
     compensation: Literal["least_squares", "bias", "none"] = Field(
-        "none", description="how o_proj/down_proj absorb the removed inputs (see compress.slicing)")
+        "none", description="how o_proj/down_proj absorb the removed inputs (see compress.ops.slicing)")
 
 
 def column_score(weight, channel_stats):

@@ -186,7 +186,7 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     """(model, tokenizer) for a model name, in eval mode.
 
     `placement`: accelerate big-model options passed to `from_pretrained` (`device_map`,
-    `max_memory`, `offload_folder`); layers that do not fit stay on disk (see compress.offload).
+    `max_memory`, `offload_folder`); layers that do not fit stay on disk (see compress.model.offload).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -221,7 +221,7 @@ def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32, **placem
     config = json.loads((folder / "config.json").read_text())
     if "per_layer_config" not in config:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, **placement).eval()
-    from compress.modeling_pruned import make_classes
+    from compress.model.modeling_pruned import make_classes
 
     base = config.get("compress_base") or {}
     if not base:

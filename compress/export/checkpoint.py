@@ -23,11 +23,11 @@ from torch import nn
 
 from compress.arch.base import Adapter
 from compress.errors import UserError
-from compress.modeling_pruned import attach_zero_bias
-from compress.offload import model_device
+from compress.model.modeling_pruned import attach_zero_bias
+from compress.model.offload import model_device
 from compress.workdir import fault_point
 
-MODELING_FILE = Path(__file__).with_name("modeling_pruned.py")
+MODELING_FILE = Path(__file__).resolve().parent.parent / "model" / "modeling_pruned.py"
 
 
 def check_output_dir(output: str | None, overwrite: bool) -> Path:
@@ -83,7 +83,7 @@ def _write_uniform(model, adapter: Adapter, layout: list[dict], folder: Path, ma
     if first["output_biases"]:
         attention_bias = adapter.output_projection_paths()[0] in first["output_biases"]
         mlp_bias = adapter.output_projection_paths()[1] in first["output_biases"]
-        from compress.offload import onloaded
+        from compress.model.offload import onloaded
 
         for index, layer in enumerate(adapter.layers()):
             with onloaded(layer, adapter.offload_store, f"layer-{index:04d}"):
@@ -198,11 +198,11 @@ def check_nm_patterns(model, patterns: tuple[tuple[int, int], ...], exempt: froz
     """Raise if any decoder linear of `model` breaks one of the N:M patterns (`exempt`: `layers.I.NAME` keys of
     linears left as they were, e.g. experts that received no calibration tokens)."""
     from compress.arch import get_adapter
-    from compress.masks import follows_nm
+    from compress.ops.masks import follows_nm
 
     if not patterns:
         return
-    from compress.offload import onloaded
+    from compress.model.offload import onloaded
 
     adapter = get_adapter(model)
     for index, layer in enumerate(adapter.layers()):
@@ -245,7 +245,7 @@ def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwr
     With `release_model`, the in-memory model's weights are freed once written (after its
     reference logits are taken), so the reload does not hold two copies of the model.
     """
-    from compress.loading import load_pruned
+    from compress.model.loading import load_pruned
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

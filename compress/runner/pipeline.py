@@ -27,16 +27,16 @@ from calibration.data import describe_source as describe_text
 from calibration.datasets import is_packaged
 from compress.arch import get_adapter, supported_model_types
 from compress.errors import UserError
-from compress.evaluate import eval_windows, forward_tokens_per_second, generation_tokens_per_second, perplexity
-from compress.export import check_output_dir, layer_layout, write_checkpoint
-from compress.loading import describe_source, load_model, read_config
-from compress.memory import return_freed_memory_promptly
+from compress.export.checkpoint import check_output_dir, layer_layout, write_checkpoint
 from compress.methods import METHODS
 from compress.methods.base import StageContext
-from compress.offload import is_offloaded, onloaded
-from compress.processes import is_main_process
+from compress.model.evaluate import eval_windows, forward_tokens_per_second, generation_tokens_per_second, perplexity
+from compress.model.loading import describe_source, load_model, read_config
+from compress.model.memory import return_freed_memory_promptly
+from compress.model.offload import is_offloaded, onloaded
+from compress.model.processes import is_main_process
+from compress.ops.slicing import decoder_linear_params
 from compress.recipe import EvalConfig, ModelConfig, Recipe, dump_recipe
-from compress.slicing import decoder_linear_params
 from compress.workdir import WorkFolder, recipe_fingerprint
 
 
@@ -157,7 +157,7 @@ def check_context_length(key: str, length: int, config: dict | None) -> None:
 def source_weight_bytes(name: str, kind: str) -> int | None:
     folder = Path(name).expanduser() if kind == "folder" else None
     if kind == "builtin":
-        from compress.loading import cache_root
+        from compress.model.loading import cache_root
         folder = cache_root() / "models" / name
     if folder is None or not folder.is_dir():
         return None
@@ -185,7 +185,7 @@ def check_disk_space(recipe: Recipe, kind: str, config: dict | None, output: Pat
 
 def nm_patterns(recipe: Recipe) -> tuple[tuple[int, int], ...]:
     """N:M patterns imposed by the recipe's stages (all must still hold in the saved checkpoint)."""
-    from compress.masks import parse_pattern
+    from compress.ops.masks import parse_pattern
 
     found = (parse_pattern(s.pattern) for s in recipe.stages if hasattr(s, "pattern"))
     return tuple(sorted({nm for nm in found if nm is not None}))
@@ -215,7 +215,7 @@ def check_mlp_only_budgets(recipe: Recipe, config: dict | None) -> None:
 
 def check_stage_order(recipe: Recipe, config: dict | None) -> None:
     """N:M stages need every input width to be a multiple of M, including widths earlier stages chose."""
-    from compress.masks import parse_pattern
+    from compress.ops.masks import parse_pattern
 
     check_mlp_only_budgets(recipe, config)
     for number, stage in enumerate(recipe.stages):
@@ -295,7 +295,7 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
     The pruned model's weights are released once written (`release_model`), so the reload check
     never holds two models; load the result with `compress.load(output)`.
     With `model.device_map` / `model.max_memory`, layers that do not fit stay on disk and are
-    handled one at a time (compress.offload); their working copies live in a temporary folder
+    handled one at a time (compress.model.offload); their working copies live in a temporary folder
     under `model.offload_folder` (default: the system's temporary folder), removed at the end.
     """
     if not recipe.model.offloading:
@@ -329,7 +329,7 @@ def _run(recipe: Recipe, progress: bool, log, export: bool, release_model: bool,
     adapter = get_adapter(model)
     adapter.check_supported()
     if store is not None:
-        from compress.offload import OFFLOAD_MMAP_THRESHOLD
+        from compress.model.offload import OFFLOAD_MMAP_THRESHOLD
 
         return_freed_memory_promptly(OFFLOAD_MMAP_THRESHOLD)
         model.compress_offload_store = store / "layers"

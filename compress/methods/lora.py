@@ -40,12 +40,12 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from compress.config_base import DataSource, StageConfig
+from compress.config import DataSource, StageConfig
 from compress.errors import UserError
-from compress.methods import register
 from compress.methods.base import Method, StageContext
-from compress.offload import is_offloaded
-from compress.processes import on_cpu
+from compress.methods.registry import register
+from compress.model.offload import is_offloaded
+from compress.model.processes import on_cpu
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -149,7 +149,7 @@ class LoraRecovery(Method):
         from peft import get_peft_model, get_peft_model_state_dict
 
         from calibration.data import sample_windows, tokenize_text
-        from compress.masks import follows_nm, parse_pattern
+        from compress.ops.masks import follows_nm, parse_pattern
 
         cfg, adapter = self.config, ctx.adapter
         model = adapter.model

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from compress.errors import UserError
-from compress.masks import follows_nm
+from compress.ops.masks import follows_nm
 
 
 @dataclass

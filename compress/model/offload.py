@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from compress.memory import trim_heap
+from compress.model.memory import trim_heap
 
 OFFLOAD_MMAP_THRESHOLD = 1 << 20  # bytes; allocations above it get their own mapping in offloaded runs
 

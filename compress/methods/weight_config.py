@@ -4,8 +4,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from compress.config_base import StageConfig
-from compress.masks import parse_pattern
+from compress.config import StageConfig
+from compress.ops.masks import parse_pattern
 
 
 class WeightStageConfig(StageConfig):

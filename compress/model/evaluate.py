@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from compress.offload import model_device
+from compress.model.offload import model_device
 
 QUICK_WINDOWS = 64
 

@@ -39,7 +39,7 @@ FORMAT_VERSION = 1
 
 
 def gradient_cache_dir() -> Path:
-    from compress.loading import cache_root
+    from compress.model.loading import cache_root
     return cache_root() / "gradients"
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from compress.arch.base import Adapter, AttentionShape
-from compress.memory import release_file_pages
+from compress.model.memory import release_file_pages
 
 
 class MeanCompensation:

@@ -1,0 +1,153 @@
+"""Weight-level methods: per-linear scores of single weights, masks (unstructured or N:M) and OWL.
+
+`WeightMethod.run` walks the decoder layers with the layer-by-layer capture, collects each linear's
+input statistics, asks the method for `linear_scores`, and zeroes the lowest-scored weights per
+output row (or per N:M group); OWL gives each layer its own sparsity from outlier ratios.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from calibration.stats import ChannelStats, input_stats
+from compress.methods.base import Method, StageContext
+from compress.model.offload import onloaded
+from compress.ops.slicing import (
+    layer_linear_tensors,
+    set_layer_linears,
+)
+
+
+class WeightMethod(Method):
+    """Masks single weights of every decoder linear, one layer after the other.
+
+    Each layer is scored from its inputs (statistics of every linear's input), masked, and run
+    again so the next layer is calibrated on the pruned model's activations (`inputs: sequential`,
+    the papers' choice); `inputs: dense` takes every layer's statistics from the dense model in a
+    single pass per layer (about half the time).
+    Subclasses implement `linear_scores` (and may `prepare` something first, e.g. gradients);
+    `mask_group` picks the comparison group of unstructured masks.
+
+    `owl: true` (unstructured only) first runs the dense model once to measure each layer's
+    outlier ratio (share of weights whose score exceeds `owl_threshold` x the layer's mean score)
+    and gives layers with more outliers a lower sparsity, within +-`owl_lambda` of the target and
+    with the same mean (OWL, Yin et al., ICML 2024, arXiv 2310.05175).
+    """
+
+    uses_activations: ClassVar[bool] = True
+    mask_group: ClassVar[str] = "row"
+
+    @abstractmethod
+    def linear_scores(self, index: int, name: str, linear: nn.Linear, stats: ChannelStats | None) -> torch.Tensor:
+        """Score of every weight of `linear` (layer `index`; higher = keep), from its input statistics."""
+
+    def prepare(self, ctx: StageContext) -> None:
+        """Work done once before the layer loop (default: nothing)."""
+
+    def layer_statistics(self, ctx: StageContext, advance: bool, resume=None, after_layer=None):
+        """Yield (index, layer, stats per linear) for every layer; sequential when `advance` is False.
+
+        `resume` = (depth, hidden states) continues from saved progress; `after_layer(index, capture)`
+        runs once a layer's outputs have replaced its inputs.
+        """
+        adapter = ctx.adapter
+        if not self.uses_activations:
+            for index, layer in enumerate(adapter.layers()):
+                if resume is None or index >= resume[0]:
+                    with onloaded(layer, adapter.offload_store, f"layer-{index:04d}"):
+                        yield index, layer, {}
+            return
+        capture = ctx.new_capture(1 if advance else 2)
+        if resume is not None:
+            capture.resume(*resume)
+        for index, layer in capture.layers():
+            linears = adapter.decoder_linears(layer)
+            groups = adapter.input_groups(layer)
+            with input_stats({group[0]: linears[group[0]] for group in groups},
+                             where=f"decoder layer {index}") as shared:
+                # a statistics-only pass stops once the last linear's input is seen
+                capture.forward(index, layer, advance=advance, stop_at=None if advance else linears[groups[-1][0]])
+            stats = {name: shared[group[0]] for group in groups for name in group}
+            yield index, layer, stats
+            if not advance:
+                capture.forward(index, layer, advance=True)  # outputs of the pruned layer feed the next
+            if after_layer is not None:
+                after_layer(index, capture)
+
+    def owl_sparsities(self, ctx: StageContext) -> list[float]:
+        """Per-layer sparsity from the dense model's outlier ratios (see the class doc)."""
+        cfg = self.config
+        ratios = []
+        for index, layer, stats in self.layer_statistics(ctx, advance=True):
+            scores = [self.linear_scores(index, name, linear, stats.get(name)).reshape(-1)
+                      for name, linear in ctx.adapter.decoder_linears(layer).items()]
+            flat = torch.cat(scores)
+            ratios.append(float((flat > cfg.owl_threshold * flat.mean()).float().mean()))
+        return owl_allocation(ratios, cfg.sparsity, cfg.owl_lambda)
+
+    def run(self, ctx: StageContext) -> dict:
+        from compress.ops.masks import apply_mask, make_mask, zero_fraction
+
+        cfg, adapter, folder = self.config, ctx.adapter, ctx.folder
+        self.prepare(ctx)
+        sparsities = None
+        if getattr(cfg, "owl", False):
+            saved = folder.load("owl") if folder is not None else None
+            sparsities = saved[1]["layer_sparsity"] if saved else self.owl_sparsities(ctx)
+            if folder is not None and not saved:
+                folder.save("owl", {}, {"layer_sparsity": sparsities})
+        zeros: dict[str, float] = {}
+        resume = folder.load_hidden() if folder is not None else None
+        if resume is not None:
+            depth, hidden, _ = resume
+            for index in range(depth):
+                tensors, meta = folder.load_layer(index)
+                with onloaded(adapter.layers()[index], adapter.offload_store, f"layer-{index:04d}"):
+                    set_layer_linears(adapter, adapter.layers()[index], tensors)
+                zeros.update(meta["zeros"])
+            resume = (depth, hidden)
+            ctx.log(f"resuming at layer {depth} from {folder.path}")
+
+        def save_progress(index, capture):
+            if folder is not None:
+                layer = adapter.layers()[index]
+                names = [f"layers.{index}.{name}" for name in adapter.decoder_linears(layer)]
+                folder.save_layer(index, layer_linear_tensors(adapter, layer), {"zeros": {n: zeros[n] for n in names}})
+                folder.checkpoint_hidden(index + 1, capture.hidden)
+
+        untouched: list[str] = []
+        group = getattr(cfg, "group", self.mask_group)
+        dense_inputs = getattr(cfg, "inputs", "sequential") == "dense"
+        for index, layer, stats in self.layer_statistics(ctx, advance=dense_inputs, resume=resume,
+                                                         after_layer=save_progress):
+            sparsity = cfg.sparsity if sparsities is None else sparsities[index]
+            for name, linear in adapter.decoder_linears(layer).items():
+                if name in stats and stats[name].count == 0:  # an expert the router never chose
+                    untouched.append(f"layers.{index}.{name}")
+                    zeros[f"layers.{index}.{name}"] = zero_fraction(linear.weight)
+                    continue
+                scores = self.linear_scores(index, name, linear, stats.get(name))
+                apply_mask(linear, make_mask(scores, sparsity, cfg.pattern, group))
+                zeros[f"layers.{index}.{name}"] = zero_fraction(linear.weight)
+        details = {"pattern": cfg.pattern, "zero_fraction_per_linear": zeros}
+        if untouched:
+            details["untouched_no_calibration_tokens"] = untouched
+            ctx.log(f"{len(untouched)} expert linears received no calibration tokens and were left as they are")
+        if sparsities is not None:
+            details["layer_sparsity"] = sparsities
+        return details
+
+
+def owl_allocation(outlier_ratios: list[float], sparsity: float, spread: float) -> list[float]:
+    """Layer sparsities: fewer zeros where outliers are frequent, mean = `sparsity`, range 2 x `spread`."""
+    ratios = torch.tensor(outlier_ratios, dtype=torch.float64)
+    span = ratios.max() - ratios.min()
+    if span <= 0:
+        return [sparsity] * len(outlier_ratios)
+    keep = (ratios - ratios.min()) / span * 2 * spread  # in [0, 2 spread], more outliers -> keep more
+    keep = keep - keep.mean() + (1 - sparsity)
+    return [float(min(max(1 - k, 0.0), 0.99)) for k in keep]
