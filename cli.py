@@ -131,7 +131,7 @@ def validate(args: list[str] = ARGS, debug: bool = DEBUG):
     """Check a recipe (schema, model source, data files, output folder) without loading weights."""
 
     def action():
-        from compress.runner.pipeline import preflight
+        from compress.recipe.preflight import preflight
 
         recipe = _load(args)
         preflight(recipe, export=recipe.export.output is not None)
@@ -200,10 +200,13 @@ def evaluate(args: list[str] = ARGS, quiet: bool = typer.Option(False, "--quiet"
         from pydantic import ValidationError
 
         from calibration.data import describe_source
+        from compress.arch.config_view import ConfigView
         from compress.errors import UserError
+        from compress.model.evaluate import evaluate_ppl
         from compress.model.loading import load_model
+        from compress.progress import Progress
         from compress.recipe import EvalConfig, ModelConfig, parse_value
-        from compress.runner.pipeline import _Progress, check_eval, check_model, evaluate_ppl
+        from compress.recipe.preflight import check_eval, check_model
 
         values = {}
         for arg in args or []:
@@ -226,13 +229,13 @@ def evaluate(args: list[str] = ARGS, quiet: bool = typer.Option(False, "--quiet"
             where = ".".join(map(str, first["loc"])) or "text"
             raise UserError(f"eval key '{where}': {first['msg'].removeprefix('Value error, ')}") from None
         _, config = check_model(model_cfg)
-        check_eval(evaluation, config, file_key="text")
+        check_eval(evaluation, ConfigView(config), file_key="text")
         if values.get("threads"):
             import torch
 
             torch.set_num_threads(int(values["threads"]))
         model, tokenizer = load_model(model_cfg.name, model_cfg.dtype)
-        value = evaluate_ppl(model, tokenizer, evaluation, _Progress(not quiet), "eval")
+        value = evaluate_ppl(model, tokenizer, evaluation, Progress(not quiet), "eval")
         typer.echo(f"ppl ({evaluation.ppl}, {evaluation.seq_len} tokens, {describe_source(evaluation)}) {value:.4f}")
 
     _guard(debug, action)

@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from compress.arch.moe import routed_experts
 from compress.errors import NonFiniteInput, NumericalError
-from compress.model.offload import model_device, onloaded
+from compress.model.offload import model_device
 
 
 class LayerwiseCapture:
@@ -87,7 +88,7 @@ class LayerwiseCapture:
         """(index, layer) from the current depth on; a disk-offloaded layer is in memory while it is handled."""
         for index, layer in enumerate(self.adapter.layers()):
             if index >= self.start:
-                with onloaded(layer, self.adapter.offload_store, f"layer-{index:04d}"):
+                with self.adapter.onloaded(index):
                     yield index, layer
 
     @torch.no_grad()
@@ -102,25 +103,27 @@ class LayerwiseCapture:
         if advance and stop_at is not None:
             raise ValueError("stop_at is for statistics passes (advance=False)")
         handle = stop_at.register_forward_pre_hook(_stop) if stop_at is not None else None
+        experts = self.adapter.experts(layer) if getattr(self.adapter, "is_moe", False) else None
         try:
-            for batch_index, (batch, kwargs) in enumerate(zip(self.hidden, self.layer_kwargs[index])):
-                try:
-                    out = layer(batch, **kwargs)
-                    if isinstance(out, (tuple, list)):
-                        out = out[0]
-                    if not torch.isfinite(out).all():
-                        raise NonFiniteInput(f"the output of decoder layer {index}")
-                except _Stop:
-                    out = None
-                except NonFiniteInput as err:
-                    culprit = locate_nonfinite(layer, batch, kwargs)
-                    raise NumericalError(f"NaN or Inf in the output of {culprit or 'an unknown module'} of decoder "
-                                         f"layer {index} (seen in {str(err).removeprefix('NaN or Inf in ')}); "
-                                         f"run in float32 (dtype=float32) or check the model weights") from None
-                if advance:
-                    self.hidden[batch_index] = out
-                if self.progress is not None:
-                    self.progress(batch.shape[0])
+            with routed_experts([experts]):  # MoE: hooks on the expert views see the routed tokens
+                for batch_index, (batch, kwargs) in enumerate(zip(self.hidden, self.layer_kwargs[index])):
+                    try:
+                        out = layer(batch, **kwargs)
+                        if isinstance(out, (tuple, list)):
+                            out = out[0]
+                        if not torch.isfinite(out).all():
+                            raise NonFiniteInput(f"the output of decoder layer {index}")
+                    except _Stop:
+                        out = None
+                    except NonFiniteInput as err:
+                        culprit = locate_nonfinite(layer, batch, kwargs)
+                        raise NumericalError(f"NaN or Inf in the output of {culprit or 'an unknown module'} of decoder "
+                                             f"layer {index} (seen in {str(err).removeprefix('NaN or Inf in ')}); "
+                                             f"run in float32 (dtype=float32) or check the model weights") from None
+                    if advance:
+                        self.hidden[batch_index] = out
+                    if self.progress is not None:
+                        self.progress(batch.shape[0])
         finally:
             if handle is not None:
                 handle.remove()

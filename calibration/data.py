@@ -6,6 +6,7 @@ start is drawn with `random.Random(seed).randint(0, len(ids) - seq_len - 1)`, in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -134,12 +135,12 @@ def generation_batch(model, num_samples: int, seq_len: int) -> int:
 
 @torch.no_grad()
 def generate_windows(model, tokenizer, num_samples: int, seq_len: int, seed: int, temperature: float = 1.0,
-                     top_p: float = 0.95, top_k: int = 256, progress=None) -> torch.Tensor:
+                     top_p: float = 0.95, top_k: int | None = None, progress=None) -> torch.Tensor:
     """Calibration windows written by the model itself (data-free calibration).
 
     Each sequence starts from one token drawn uniformly (seeded) from the vocabulary, then every next
-    token is sampled from the model's distribution: nucleus sampling (`top_p`) among the `top_k` most
-    likely tokens, special tokens never drawn. Sequences are generated in large batches with a
+    token is sampled from the model's distribution: nucleus sampling (`top_p`, over the whole vocabulary
+    unless `top_k` limits it), special tokens never drawn. Sequences are generated in large batches with a
     key/value cache, one decoding step for the whole batch at a time.
     """
     from transformers import DynamicCache
@@ -165,7 +166,7 @@ def generate_windows(model, tokenizer, num_samples: int, seq_len: int, seed: int
             out = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1].float().cpu() / temperature
             logits[:, special] = float("-inf")
-            top, index = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+            top, index = logits.topk(min(top_k or logits.shape[-1], logits.shape[-1]), dim=-1)
             probs = torch.softmax(top, dim=-1)
             probs = probs * ((probs.cumsum(-1) - probs) < top_p)  # the nucleus; the likeliest token always stays
             choice = torch.multinomial(probs, 1, generator=generator)
@@ -186,3 +187,25 @@ def calibration_windows(cfg, model, tokenizer, progress=None) -> torch.Tensor:
         raise UserError(f"calibration source {describe_source(cfg)} is empty; give a file with text in it")
     ids = tokenize_text(tokenizer, text)
     return sample_windows(ids, cfg.num_samples, cfg.seq_len, cfg.seed)
+
+
+def text_digest(block, key: str, role: str) -> str | None:
+    """SHA-256 of a data block's text when it is local (a file or a packaged set), else None."""
+    from calibration.datasets import is_packaged
+
+    if block.source not in ("text", "jsonl") and not (block.source == "builtin" and is_packaged(block.name)):
+        return None
+    if block.source != "builtin" and not Path(block.file or "").expanduser().is_file():
+        return None
+    return hashlib.sha256(read_source_text(block, key, role).encode()).hexdigest()
+
+
+def check_not_eval_text(block, key: str, role: str, evaluation) -> None:
+    """Calibrating or training on the evaluation text makes the perplexity meaningless: refuse it."""
+    if evaluation.ppl == "none":
+        return
+    digest = text_digest(block, key, role)
+    if digest is not None and digest == text_digest(evaluation, "eval", "eval"):
+        raise UserError(f"{key} reads the evaluation text ({describe_source(evaluation)}): fitting weights on the "
+                        f"test text makes the perplexity meaningless; use other text (e.g. {key}.name=wikitext2, "
+                        f"its validation split)")

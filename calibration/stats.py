@@ -126,3 +126,14 @@ def angular_distance(layer: nn.Module):
         handle.remove()
     if count[0]:
         result["angular_distance"] = float(total / count[0])
+
+
+def measure_block_importance(capture) -> list[float]:
+    """Angular distance of every decoder layer of the model as it is now, over one pass of `capture`
+    (a LayerwiseCapture with one pass)."""
+    distances = []
+    for index, layer in capture.layers():
+        with angular_distance(layer) as block:
+            capture.forward(index, layer, advance=True)
+        distances.append(block["angular_distance"])
+    return distances

@@ -17,6 +17,11 @@ class StageConfig(Strict):
     method: str
     sparsity: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of decoder-linear parameters to remove")
 
+    def check_model(self, view, number: int, recipe) -> None:
+        """Preflight: what this stage can check before any weight is loaded, against the model's config
+        (`view`, a compress.arch.config_view.ConfigView), its place `number` and the whole `recipe`.
+        Raise UserError naming the recipe key to fix. The default checks nothing."""
+
 
 class StructuredStageConfig(StageConfig):
     """Fields shared by methods that remove KV groups and MLP channels (see compress.methods.base)."""

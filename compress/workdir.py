@@ -126,18 +126,17 @@ class StageFolder:
         return int(meta.pop("depth")), hidden, meta
 
     # ---- the finished stage -------------------------------------------------------------------
-    def save_result(self, adapter, details: dict) -> None:
-        """Every layer's decoder linears (one file per layer, so memory stays flat), then the marker."""
-        from compress.model.offload import onloaded
-        from compress.ops.slicing import layer_linear_tensors
-
-        for index, layer in enumerate(adapter.layers()):
-            with onloaded(layer, adapter.offload_store, f"layer-{index:04d}", write_back=False):
-                self.save(f"final-{index:04d}", layer_linear_tensors(adapter, layer))
+    def mark_finished(self, details: dict) -> None:
+        """The stage is done: write its marker (with its report details) and drop the in-progress files."""
         self.save("result", {}, {"details": details})
         for pattern in ("layer-*.safetensors", "compensation-*.safetensors", "hidden.safetensors"):
             for path in self.path.glob(pattern):
                 path.unlink()
+
+    def finished_details(self) -> dict | None:
+        """The report details of a finished stage, or None if the stage did not finish."""
+        marker = self.load("result")
+        return None if marker is None else marker[1]["details"]
 
     def save_artifacts(self, artifacts: dict[str, bytes | str]) -> None:
         """Extra export files of the stage (kept so a resumed run still exports them)."""
@@ -154,19 +153,6 @@ class StageFolder:
             data = tensors["bytes"].numpy().tobytes()
             artifacts[meta["name"]] = data.decode() if meta["text"] else data
         return artifacts
-
-    def restore_result(self, adapter) -> dict | None:
-        """Put a finished stage's layers into the model; its report details, or None if unfinished."""
-        from compress.model.offload import onloaded
-        from compress.ops.slicing import set_layer_linears
-
-        marker = self.load("result")
-        if marker is None:
-            return None
-        for index, layer in enumerate(adapter.layers()):
-            with onloaded(layer, adapter.offload_store, f"layer-{index:04d}"):
-                set_layer_linears(adapter, layer, self.load(f"final-{index:04d}")[0])
-        return marker[1]["details"]
 
 
 def save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:

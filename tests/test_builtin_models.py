@@ -7,8 +7,8 @@ import zipfile
 
 import pytest
 
-from compress import loading
 from compress.errors import UserError
+from compress.model import loading
 from tests.conftest import tiny_llama, tiny_tokenizer
 
 

@@ -9,7 +9,8 @@ from calibration.stats import angular_distance
 from compress.arch import get_adapter
 from compress.methods import METHODS
 from compress.methods.base import StageContext
-from compress.methods.cfsp import block_keep_ratios, importance_weights, relative_share
+from compress.methods.cfsp import relative_share
+from compress.ops.allocation import block_keep_ratios, importance_weights
 from compress.ops.slicing import decoder_linear_params
 from tests.conftest import tiny_llama
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compress import pipeline
 from compress.arch import get_adapter
 from compress.model.offload import is_offloaded, onloaded
 from compress.recipe import load_recipe
+from compress.runner import pipeline
 
 FORCE_DISK = {"cpu": "40KB"}  # below one decoder layer of the tiny model: every layer goes to disk
 

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 import compress
-from compress import pipeline
 from compress.arch import get_adapter
-from compress.methods.lora import LoraConfig, layer_ranks, lr_factor
+from compress.methods.lora import LoraConfig, layer_ranks
 from compress.ops.masks import follows_nm
+from compress.ops.training import lr_factor
 from compress.recipe import load_recipe
+from compress.runner import pipeline
 
 
 def lora_stage(text_files, **overrides):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
 from compress.errors import UserError
+from compress.model.offload import onloaded
 
 _REGISTRY: dict[str, type["Adapter"]] = {}
 
@@ -21,14 +23,16 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_adapter(model: nn.Module) -> "Adapter":
+def get_adapter(model: nn.Module, offload_store: Path | None = None) -> "Adapter":
+    """The adapter of `model`'s architecture. `offload_store`: folder where its disk-offloaded layers
+    go after being handled (see compress.model.offload), None when every layer stays in memory."""
     model_type = getattr(model.config, "model_type", None)
     if model_type not in _REGISTRY:
         raise UserError(
             f"unsupported architecture '{model_type}': supported model types are "
             f"{', '.join(supported_model_types())}"
         )
-    return _REGISTRY[model_type](model)
+    return _REGISTRY[model_type](model, offload_store)
 
 
 @dataclass(frozen=True)
@@ -66,14 +70,20 @@ class Adapter:
     model_class = ""
     config_class = ""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, offload_store: Path | None = None):
         self.model = model
         self.config = model.config
+        self.offload_store = offload_store  # where disk-offloaded layers go after being handled, or None
 
-    @property
-    def offload_store(self):
-        """Folder where disk-offloaded layers go after being handled (set by the pipeline), or None."""
-        return getattr(self.model, "compress_offload_store", None)
+    @classmethod
+    def linear_names(cls) -> tuple[str, ...]:
+        """Leaf names of the seven decoder linears (q, k, v, o, gate, up, down) in this family."""
+        return (cls.q_name, cls.k_name, cls.v_name, cls.o_name, cls.gate_name, cls.up_name, cls.down_name)
+
+    def onloaded(self, index: int, write_back: bool = True):
+        """Context: decoder layer `index` in memory while inside (a disk-offloaded layer is read in, and
+        written back to the offload store at the end unless `write_back=False`)."""
+        return onloaded(self.layers()[index], self.offload_store, f"layer-{index:04d}", write_back=write_back)
 
     # ---- structure -------------------------------------------------------------------------
     def layers(self) -> nn.ModuleList:
@@ -167,3 +177,11 @@ class Adapter:
             if not isinstance(self.down_proj(layer), nn.Linear):
                 raise UserError(f"layer {index}: the MLP is not a dense gated MLP (mixture of experts is not "
                                 f"supported yet)")
+
+
+def known_linear_names() -> tuple[str, ...]:
+    """Decoder-linear leaf names of every supported family, in the first family's order."""
+    names: list[str] = []
+    for adapter in [Adapter, *_REGISTRY.values()]:
+        names += [name for name in adapter.linear_names() if name not in names]
+    return tuple(names)

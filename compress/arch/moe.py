@@ -5,9 +5,10 @@ a router (`mlp.gate`) and experts stored as fused 3-D tensors (transformers 5.x)
 
 To the shared code every expert looks like a dense gated MLP: `ExpertLinear` is one expert's
 gate, up or down projection, a view into the fused tensor (so masks written through it land in
-the checkpoint's own tensors). The experts' forward is replaced by an equivalent routed loop that
-calls these views, so the capture's statistic hooks see exactly the tokens the router sends to
-each expert (weighted sums and routing unchanged). An expert that receives no calibration token
+the checkpoint's own tensors). Inside `routed_experts(...)` (the run, from load to export, and each
+layer the capture runs) the experts' forward is an equivalent routed loop that calls these views,
+so the capture's statistic hooks see exactly the tokens the router sends to each expert (weighted
+sums and routing unchanged); the stock forward is back afterwards. An expert that receives no calibration token
 has no statistics: weight-level methods leave it as it is and report it. The router is never
 touched here.
 
@@ -20,6 +21,8 @@ is not supported yet. GBLM's gradients are taken on the fused tensors and cut ba
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -65,8 +68,32 @@ def expert_linears(experts: nn.Module) -> list[tuple[ExpertLinear, ExpertLinear,
                    ExpertLinear(experts, "gate_up_proj", e, slice(width, 2 * width)),
                    ExpertLinear(experts, "down_proj", e)) for e in range(experts.gate_up_proj.shape[0])]
         experts.__dict__["_compress_linears"] = cached
-        experts.forward = _routed_forward(experts, cached)
     return cached
+
+
+@contextmanager
+def routed_experts(modules):
+    """While inside, each experts module of `modules` runs the routed loop over its per-expert views,
+    so hooks on the views see exactly the tokens routed to each expert; the stock forward is back at
+    the end. Nested uses share one patch (the outermost restores it)."""
+    patched = []
+    for experts in modules:
+        if experts is None or "forward" in experts.__dict__:
+            continue
+        experts.forward = _routed_forward(experts, expert_linears(experts))
+        patched.append(experts)
+    try:
+        yield
+    finally:
+        for experts in patched:
+            experts.__dict__.pop("forward", None)
+
+
+def model_experts(adapter) -> list[nn.Module]:
+    """Every experts module of the model (none for a dense model)."""
+    if not getattr(adapter, "is_moe", False):
+        return []
+    return [e for e in (adapter.experts(layer) for layer in adapter.layers()) if e is not None]
 
 
 def set_expert_weights(experts: nn.Module, gates, ups, downs) -> None:
@@ -86,7 +113,8 @@ def set_expert_weights(experts: nn.Module, gates, ups, downs) -> None:
     if hasattr(experts, "intermediate_dim"):
         experts.intermediate_dim = down.shape[-1]
     experts.__dict__.pop("_compress_linears", None)
-    expert_linears(experts)
+    if "forward" in experts.__dict__:  # inside routed_experts: route through the new views
+        experts.forward = _routed_forward(experts, expert_linears(experts))
 
 
 def _routed_forward(experts: nn.Module, linears):

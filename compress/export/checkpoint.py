@@ -83,10 +83,9 @@ def _write_uniform(model, adapter: Adapter, layout: list[dict], folder: Path, ma
     if first["output_biases"]:
         attention_bias = adapter.output_projection_paths()[0] in first["output_biases"]
         mlp_bias = adapter.output_projection_paths()[1] in first["output_biases"]
-        from compress.model.offload import onloaded
 
         for index, layer in enumerate(adapter.layers()):
-            with onloaded(layer, adapter.offload_store, f"layer-{index:04d}"):
+            with adapter.onloaded(index):
                 if attention_bias:
                     _materialize_biases(adapter.attention(layer), [adapter.q_name, adapter.k_name, adapter.v_name])
                 if mlp_bias:

@@ -39,6 +39,44 @@ class LayerScores:
 
 
 @dataclass
+class StageResult:
+    """What a finished stage tells the stages after it, the export and the report.
+
+    `details` is what the method's `run` returned; the report gets it unchanged, after `method` and
+    `config`. The properties name what later stages read from it.
+    """
+
+    method: str
+    config: dict  # the stage's config as JSON
+    details: dict
+
+    @property
+    def pattern(self) -> tuple[int, int] | None:
+        """The N:M pattern this stage imposed (None: unstructured, or not a weight stage)."""
+        from compress.ops.masks import parse_pattern
+
+        return parse_pattern(self.config["pattern"]) if "pattern" in self.config else None
+
+    @property
+    def masks_weights(self) -> bool:
+        """True for weight-level stages, whose zeros a later dense update (a LoRA merge) must keep."""
+        return "pattern" in self.config
+
+    @property
+    def block_importance(self) -> list[float] | None:
+        """Per-layer importance measured by the stage (CFSP), if any."""
+        return self.details.get("block_importance")
+
+    @property
+    def untouched(self) -> list[str]:
+        """Linears the stage left as they were (experts that saw no calibration token)."""
+        return list(self.details.get("untouched_no_calibration_tokens", []))
+
+    def report(self) -> dict:
+        return {"method": self.method, "config": self.config, **self.details}
+
+
+@dataclass
 class StageContext:
     """What a stage gets from the pipeline: the model's adapter and a way to start a capture."""
 
@@ -50,13 +88,8 @@ class StageContext:
     make_bar: callable = None  # (description, total, unit) -> tqdm-like bar with update()/close()
     tokenizer: object = None
     evaluate: callable = None  # (label) -> perplexity of the model as it is now, under the recipe's eval
-    previous: list = field(default_factory=list)  # reports of the stages that ran before this one
+    previous: list[StageResult] = field(default_factory=list)  # the stages that ran before this one
     artifacts: dict = field(default_factory=dict)  # extra files for the export: relative path -> bytes | str
-
-
-def is_expert_kind(kind: str) -> bool:
-    """Statistic keys "mlp.<e>" belong to expert e's down projection (which cannot carry a bias)."""
-    return kind.startswith("mlp.")
 
 
 class Method(ABC):

@@ -37,11 +37,10 @@ from pydantic import Field
 from calibration.stats import angular_distance
 from compress.config import StructuredStageConfig
 from compress.errors import UserError
-from compress.methods.base import LayerScores, StageContext
-from compress.methods.flap import standardize
+from compress.methods.base import LayerScores
 from compress.methods.registry import register
 from compress.methods.structured import StructuredMethod
-from compress.ops.allocation import _keep_top, global_allocation
+from compress.ops.allocation import _keep_top, block_keep_ratios, global_allocation, importance_weights, standardize
 
 
 class CfspConfig(StructuredStageConfig):
@@ -54,28 +53,13 @@ class CfspConfig(StructuredStageConfig):
     min_keep: float = Field(0.05, gt=0, lt=1, description="no layer keeps less than this share of its prunable part")
     compensation: Literal["least_squares", "bias", "none"] = "least_squares"
 
-
-def importance_weights(distance: torch.Tensor, temperature: float) -> torch.Tensor:
-    """sigmoid(temperature * (d - mean d)): > 0.5 for layers that change the stream more than average."""
-    distance = distance.double()
-    return torch.sigmoid(temperature * (distance - distance.mean()))
-
-
-def block_keep_ratios(weights: torch.Tensor, sizes: torch.Tensor, keep: float, floor: float,
-                      ceiling: float = 1.0) -> torch.Tensor:
-    """Keep ratio per layer proportional to `weights`, size-weighted mean `keep`, within [floor, ceiling].
-
-    Out-of-range ratios are brought in by shrinking every deviation about the mean by one factor,
-    which keeps the mean (and so the global budget) exact.
-    """
-    weights, sizes = weights.double(), sizes.double()
-    ratios = keep * weights * sizes.sum() / (weights * sizes).sum()
-    gamma = 1.0
-    if ratios.max() > ceiling:
-        gamma = min(gamma, (ceiling - keep) / float(ratios.max() - keep))
-    if ratios.min() < floor:
-        gamma = min(gamma, (keep - floor) / float(keep - ratios.min()))
-    return keep + gamma * (ratios - keep)
+    def check_model(self, view, number: int, recipe) -> None:
+        """An MLP-only stage cannot remove more than the MLPs' share of the decoder linears."""
+        share = view.mlp_share()
+        if share is not None and self.targets == "mlp" and self.sparsity >= share:
+            raise UserError(f"stage {number} ({self.method}) removes {self.sparsity:.0%} of the decoder linears from "
+                            f"the MLPs alone, which hold {share:.0%}; use stages.{number}.targets=both or a lower "
+                            f"sparsity")
 
 
 def relative_share(weight: torch.Tensor, channel_dim: int, activation: torch.Tensor | None = None) -> torch.Tensor:
@@ -168,14 +152,4 @@ class Cfsp(StructuredMethod):
                 "block_keep_ratio": [round(float(r), 4) for r in ratios],
                 "prunable_share_kept": keep}
 
-
-def measure_block_importance(ctx: StageContext) -> list[float]:
-    """Angular distance of every decoder layer of the model as it is now (one calibration pass)."""
-    capture = ctx.new_capture(1)
-    distances = []
-    for index, layer in capture.layers():
-        with angular_distance(layer) as block:
-            capture.forward(index, layer, advance=True)
-        distances.append(block["angular_distance"])
-    return distances
 

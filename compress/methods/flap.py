@@ -39,7 +39,7 @@ from pydantic import Field
 from compress.config import StructuredStageConfig
 from compress.methods.registry import register
 from compress.methods.structured import StructuredMethod
-from compress.ops.allocation import global_allocation, same_width_allocation, uniform_allocation
+from compress.ops.allocation import global_allocation, same_width_allocation, standardize, uniform_allocation
 
 
 class FlapConfig(StructuredStageConfig):
@@ -59,11 +59,6 @@ def channel_metric(metric: str, weight: torch.Tensor, stats) -> torch.Tensor:
     if metric == "WIFV":
         return stats.variance * weight.pow(2).sum(0)
     return weight.abs().mean(0) * stats.l2_norm  # WIFN
-
-
-def standardize(values: torch.Tensor) -> torch.Tensor:
-    std = values.std()
-    return (values - values.mean()) / (std if std > 0 else 1.0)
 
 
 @register

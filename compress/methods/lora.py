@@ -34,20 +34,18 @@ Several GPUs: run the same `compress run ...` under `accelerate launch`; see doc
 from __future__ import annotations
 
 import math
-import time
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
+from compress.arch.base import Adapter, known_linear_names
 from compress.config import DataSource, StageConfig
 from compress.errors import UserError
 from compress.methods.base import Method, StageContext
 from compress.methods.registry import register
 from compress.model.offload import is_offloaded
-from compress.model.processes import on_cpu
-
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class RecoveryDataConfig(DataSource):
@@ -63,7 +61,7 @@ class LoraConfig(StageConfig):
     method: Literal["lora"] = "lora"
     sparsity: float = Field(0.0, ge=0.0, le=0.0, description="recovery removes nothing")
     data: RecoveryDataConfig = RecoveryDataConfig()
-    target_modules: list[str] = Field(list(LINEAR_NAMES), min_length=1,
+    target_modules: list[str] = Field(list(Adapter.linear_names()), min_length=1,
                                       description="decoder linears that get LoRA (names inside a layer)")
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0, description="LoRA scale = alpha / rank")
@@ -87,12 +85,32 @@ class LoraConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check(self):
-        unknown = [name for name in self.target_modules if name not in LINEAR_NAMES]
+        names = known_linear_names()
+        unknown = [name for name in self.target_modules if name not in names]
         if unknown:
-            raise ValueError(f"unknown target module {unknown[0]!r}; choose among {', '.join(LINEAR_NAMES)}")
+            raise ValueError(f"unknown target module {unknown[0]!r}; choose among {', '.join(names)}")
         if self.min_rank > self.max_rank:
             raise ValueError(f"min_rank {self.min_rank} > max_rank {self.max_rank}")
         return self
+
+    def check_model(self, view, number: int, recipe) -> None:
+        """The training data exists, is not the evaluation text, and its windows fit the model's context."""
+        from calibration.data import check_not_eval_text
+
+        view.check_context_length(f"stages.{number}.seq_len", self.seq_len)
+        data = self.data
+        if data.source == "hf":
+            if not data.dataset:
+                raise UserError(f"stages.{number}.data.source=hf needs stages.{number}.data.dataset=NAME")
+            return
+        if data.source == "calibration":
+            return
+        if data.source in ("text", "jsonl") and (not data.path or not Path(data.path).expanduser().is_file()):
+            raise UserError(f"recovery data file not found: {data.path}; set stages.{number}.data.path=FILE "
+                            f"or stages.{number}.data.name=wikitext2 (shipped)")
+        check_not_eval_text(data, f"stages.{number}.data", "train", recipe.eval)
+        if data.template is not None and data.source in ("text", "builtin"):
+            raise UserError(f"stages.{number}.data.template formats records: set data.source=jsonl or hf")
 
     @property
     def total_steps(self) -> int:
@@ -120,21 +138,13 @@ def recovery_text(data: RecoveryDataConfig, eos: str | None) -> str:
 
 def layer_ranks(importance: list[float], config: LoraConfig) -> list[int]:
     """LoRA rank per layer following the importance (mean = `rank`, within [min_rank, max_rank])."""
-    from compress.methods.cfsp import importance_weights
+    from compress.ops.allocation import importance_weights
 
     weights = importance_weights(torch.tensor(importance, dtype=torch.float64), config.importance_temperature)
     if config.rank_allocation == "inverse":
         weights = 2 * weights.mean() - weights
     ranks = (config.rank * weights / weights.mean()).round().clamp(config.min_rank, config.max_rank)
     return [int(r) for r in ranks]
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to zero."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 @register
@@ -144,46 +154,67 @@ class LoraRecovery(Method):
     prunes = False
 
     def run(self, ctx: StageContext) -> dict:
-        from accelerate import Accelerator
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model, get_peft_model_state_dict
-
-        from calibration.data import sample_windows, tokenize_text
-        from compress.ops.masks import follows_nm, parse_pattern
+        from compress.ops.masks import MaskSnapshot
+        from compress.ops.training import train
 
         cfg, adapter = self.config, ctx.adapter
-        model = adapter.model
         if adapter.offload_store is not None and any(is_offloaded(layer) for layer in adapter.layers()):
             raise UserError("the lora stage trains the whole model at once: it needs every layer in memory or on a "
                             "GPU, not on disk; drop max_memory/device_map for this recipe or export first and "
                             "fine-tune the checkpoint on a larger machine")
         if ctx.tokenizer is None:
             raise UserError("the lora stage needs the model's tokenizer")
+        missing = [name for name in cfg.target_modules if name not in adapter.linear_names()]
+        if missing:
+            raise UserError(f"stages: lora target module {missing[0]!r} is not a decoder linear of this model; "
+                            f"its decoder linears are {', '.join(adapter.linear_names())}")
         steps = cfg.total_steps
-        if cfg.data.source == "calibration":  # e.g. calibration=self: the windows the model wrote, end to end
-            ids = ctx.windows.flatten()
-        else:
-            ids = tokenize_text(ctx.tokenizer, recovery_text(cfg.data, ctx.tokenizer.eos_token))
-        windows = sample_windows(ids, steps * cfg.batch_size, cfg.seq_len, cfg.seed)
+        windows = training_windows(cfg, ctx)
         details: dict = {"steps": steps, "tokens": steps * cfg.batch_size * cfg.seq_len}
-
-        earlier = [stage["config"] for stage in ctx.previous]
-        patterns = sorted({nm for c in earlier if "pattern" in c for nm in [parse_pattern(c["pattern"])] if nm})
-        masked = any("pattern" in c for c in earlier)
-        linears = {f"layers.{i}.{name}": linear for i, layer in enumerate(adapter.layers())
-                   for name, linear in adapter.decoder_linears(layer).items()}
-        masks = {key: linear.weight != 0 for key, linear in linears.items()} if masked and cfg.merge else {}
-
+        masks = None
+        if cfg.merge and any(stage.masks_weights for stage in ctx.previous):
+            masks = MaskSnapshot(adapter, sorted({s.pattern for s in ctx.previous if s.pattern is not None}),
+                                 {key for stage in ctx.previous for key in stage.untouched})
         if cfg.eval_before and ctx.evaluate is not None:
             details["ppl_before"] = ctx.evaluate("before recovery")
             ctx.log(f"ppl before recovery {details['ppl_before']:.2f}")
 
+        model, was_training = adapter.model, adapter.model.training
+        peft_model = self.peft_model(ctx, details)
+        ctx.log(f"LoRA: {details['trainable_params']:,} trainable parameters, {steps} steps x {cfg.batch_size} x "
+                f"{cfg.seq_len} tokens")
+        if cfg.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            result = train(peft_model, windows, steps=steps, batch_size=cfg.batch_size,
+                           learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                           warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed,
+                           make_bar=ctx.make_bar)
+        finally:
+            if cfg.gradient_checkpointing:
+                model.activation_checkpointing_disable()
+        details.update(result.summary(details["tokens"]))
+        self.merge_or_export(result.model, ctx, details)
+        model.train(was_training)
+        if masks is not None:
+            verified = masks.restore()
+            details["masks_reapplied"] = True
+            details["patterns_verified"] = verified
+        return details
+
+    def peft_model(self, ctx: StageContext, details: dict):
+        """The model with LoRA adapters on the target linears (per-layer ranks for rank_allocation)."""
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        cfg, adapter = self.config, ctx.adapter
         rank_pattern, alpha_pattern = {}, {}
         if cfg.rank_allocation != "uniform":
-            importance = next((s["block_importance"] for s in reversed(ctx.previous) if "block_importance" in s), None)
+            importance = next((s.block_importance for s in reversed(ctx.previous) if s.block_importance is not None),
+                              None)
             if importance is None:
-                from compress.methods.cfsp import measure_block_importance
-                importance = measure_block_importance(ctx)
+                from calibration.stats import measure_block_importance
+                importance = measure_block_importance(ctx.new_capture(1))
             ranks = layer_ranks(importance, cfg)
             details["layer_ranks"] = ranks
             for index, rank in enumerate(ranks):
@@ -192,99 +223,42 @@ class LoraRecovery(Method):
                         key = rf"layers\.{index}\.{name.replace('.', chr(92) + '.')}"
                         rank_pattern[key] = rank
                         alpha_pattern[key] = cfg.alpha * rank / cfg.rank  # same scale alpha/rank everywhere
-
         torch.manual_seed(cfg.seed)
         peft_config = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                      target_modules=list(cfg.target_modules), rank_pattern=rank_pattern,
                                      alpha_pattern=alpha_pattern, bias="none", task_type="CAUSAL_LM")
-        was_training = model.training
-        peft_model = get_peft_model(model, peft_config)
-        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        details["trainable_params"] = trainable
-        ctx.log(f"LoRA: {trainable:,} trainable parameters, {steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens")
-        if cfg.gradient_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        parameters = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, steps))
-        # One process: plain training. Under `accelerate launch`: data-parallel, each process takes
-        # its share of every batch and gradients are averaged (same updates as one big process).
-        accelerator = Accelerator(cpu=on_cpu())
-        world, rank = accelerator.num_processes, accelerator.process_index
-        if cfg.batch_size % world:
-            raise UserError(f"recovery batch_size {cfg.batch_size} must be a multiple of the {world} processes")
-        train_model, optimizer = accelerator.prepare(peft_model, optimizer)
-        device = accelerator.device
-        losses: list[float] = []
-        bar = ctx.make_bar("recovery", steps, "step") if ctx.make_bar and accelerator.is_main_process else None
-        start = time.perf_counter()
-        train_model.train()
-        generator = torch.Generator().manual_seed(cfg.seed)
-        order = torch.randperm(len(windows), generator=generator)
-        try:
-            for step in range(steps):
-                batch = windows[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]][rank::world].to(device)
-                loss = train_model(input_ids=batch, labels=batch, use_cache=False).loss
-                if not torch.isfinite(loss):
-                    raise UserError(f"recovery loss became {loss.item()} at step {step}; lower learning_rate "
-                                    f"(now {cfg.learning_rate:g}) or run in float32")
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-                if bar is not None:
-                    elapsed = time.perf_counter() - start
-                    bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}",
-                                    tok_s=f"{(step + 1) * batch.numel() * world / elapsed:.0f}")
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-            if cfg.gradient_checkpointing:
-                model.activation_checkpointing_disable()
-        seconds = time.perf_counter() - start
-        window = max(1, min(10, steps // 4))
-        details.update({
-            "train_seconds": seconds,
-            "tokens_per_second": steps * cfg.batch_size * cfg.seq_len / seconds,
-            "loss_first": sum(losses[:window]) / window,
-            "loss_last": sum(losses[-window:]) / window,
-            "loss_curve": [round(sum(losses[i:i + window]) / len(losses[i:i + window]), 4)
-                           for i in range(0, steps, window)],
-        })
-        peft_model = accelerator.unwrap_model(train_model)
+        peft_model = get_peft_model(adapter.model, peft_config)
+        details["trainable_params"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        return peft_model
+
+    def merge_or_export(self, peft_model, ctx: StageContext, details: dict) -> None:
+        """Fold the adapter into the weights, or keep the weights and export the adapter in adapter/."""
+        from peft import get_peft_model_state_dict
+
         peft_model.eval()
-        if cfg.merge:
+        if self.config.merge:
             peft_model.merge_and_unload()
-        else:
-            from safetensors.torch import save
+            return
+        from safetensors.torch import save
 
-            state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
-            if ctx.evaluate is not None:
-                details["ppl_with_adapter"] = ctx.evaluate("with adapter")
-            config = peft_model.peft_config["default"]
-            ctx.artifacts["adapter/adapter_model.safetensors"] = save(state)
-            ctx.artifacts["adapter/adapter_config.json"] = _adapter_config_json(config)
-            peft_model.unload()
-            details["adapter"] = "adapter/"
-        model.train(was_training)
+        state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
+        if ctx.evaluate is not None:
+            details["ppl_with_adapter"] = ctx.evaluate("with adapter")
+        ctx.artifacts["adapter/adapter_model.safetensors"] = save(state)
+        ctx.artifacts["adapter/adapter_config.json"] = _adapter_config_json(peft_model.peft_config["default"])
+        peft_model.unload()
+        details["adapter"] = "adapter/"
 
-        if masks:
-            with torch.no_grad():
-                for key, linear in linears.items():
-                    linear.weight.mul_(masks[key].to(linear.weight.dtype))
-            exempt = {key for stage in ctx.previous for key in stage.get("untouched_no_calibration_tokens", [])}
-            for key, linear in linears.items():
-                if key in exempt:
-                    continue
-                for n, m in patterns:
-                    if not follows_nm(linear.weight, n, m):
-                        raise RuntimeError(f"{key} lost its {n}:{m} pattern after recovery")
-            details["masks_reapplied"] = True
-            details["patterns_verified"] = [f"{n}:{m}" for n, m in patterns]
-        return details
+
+def training_windows(cfg: LoraConfig, ctx: StageContext) -> torch.Tensor:
+    """`steps x batch_size` windows of `seq_len` tokens from the stage's data, at seeded offsets."""
+    from calibration.data import sample_windows, tokenize_text
+
+    if cfg.data.source == "calibration":  # e.g. calibration=self: the windows the model wrote, end to end
+        ids = ctx.windows.flatten()
+    else:
+        ids = tokenize_text(ctx.tokenizer, recovery_text(cfg.data, ctx.tokenizer.eos_token))
+    return sample_windows(ids, cfg.total_steps * cfg.batch_size, cfg.seq_len, cfg.seed)
 
 
 def _adapter_config_json(config) -> str:

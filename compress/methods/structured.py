@@ -30,9 +30,7 @@ from compress.methods.base import (
     LayerScores,
     Method,
     StageContext,
-    is_expert_kind,
 )
-from compress.model.offload import onloaded
 from compress.ops.allocation import UnitScores, round_widths
 from compress.ops.slicing import (
     LeastSquaresCompensation,
@@ -45,6 +43,7 @@ from compress.ops.slicing import (
     slice_experts,
     slice_mlp,
 )
+from compress.ops.units import ATTENTION, MLP, expert_channels, expert_of, is_expert_kind
 from compress.workdir import save_atomic
 
 
@@ -76,7 +75,7 @@ class StructuredMethod(Method):
         else:
             from compress.arch.moe import expert_linears
 
-            observed.update({f"mlp.{e}": down for e, (_, _, down) in enumerate(expert_linears(experts))})
+            observed.update({expert_channels(e): down for e, (_, _, down) in enumerate(expert_linears(experts))})
         return observed
 
     @abstractmethod
@@ -113,7 +112,7 @@ class StructuredMethod(Method):
 
         rows, tokens, idle = [], [], []
         for e, (gate, up, down) in enumerate(expert_linears(adapter.experts(layer))):
-            channel_stats = stats[f"mlp.{e}"]
+            channel_stats = stats[expert_channels(e)]
             if channel_stats.count == 0:
                 idle.append(e)
                 norms = [w.detach().float().cpu().norm(dim=d) for w, d in ((down.weight, 0), (up.weight, 1),
@@ -197,7 +196,7 @@ class StructuredMethod(Method):
         if scores.expert_order is None:
             slice_mlp(adapter, layer, channels, scores.compensation.get("mlp"))
         else:  # every expert keeps its own best len(channels) channels
-            compensations = [scores.compensation.get(f"mlp.{e}") for e in range(len(scores.expert_order))]
+            compensations = [scores.compensation.get(expert_channels(e)) for e in range(len(scores.expert_order))]
             slice_experts(adapter, layer, scores.expert_order[:, :len(channels)], compensations)
 
     def run(self, ctx: StageContext) -> dict:
@@ -217,7 +216,7 @@ class StructuredMethod(Method):
             for index in range(depth):
                 tensors, meta = folder.load_layer(index)
                 if self.sequential:
-                    with onloaded(adapter.layers()[index], adapter.offload_store, f"layer-{index:04d}"):
+                    with adapter.onloaded(index):
                         set_layer_linears(adapter, adapter.layers()[index], tensors)
                 else:
                     scores[index] = self._scores_from(index, tensors, meta, work_dir)
@@ -225,8 +224,8 @@ class StructuredMethod(Method):
             ctx.log(f"resuming at layer {depth} from {folder.path}")
         for index, layer in capture.layers():
             observed = self.observed(adapter, layer)
-            labels = dict(zip(("attention", "mlp"), adapter.output_projection_paths()))
-            labels.update({kind: f"{adapter.mlp_name}.experts.{kind[4:]}.down_proj" for kind in observed
+            labels = dict(zip((ATTENTION, MLP), adapter.output_projection_paths()))
+            labels.update({kind: f"{adapter.mlp_name}.experts.{expert_of(kind)}.down_proj" for kind in observed
                            if is_expert_kind(kind)})
             with input_stats(observed, stride, f"decoder layer {index}", labels) as stats, \
                     self.observe_layer(layer) as block:
@@ -248,7 +247,7 @@ class StructuredMethod(Method):
         if not self.sequential:
             keep = self.decide(scores)
             for index, layer in enumerate(adapter.layers()):
-                with onloaded(layer, adapter.offload_store, f"layer-{index:04d}"):
+                with adapter.onloaded(index):
                     self.apply(adapter, index, layer, keep, scores[index])
         details = self.report_details(scores)
         idle = [f"layers.{i}.{adapter.mlp_name}.experts.{e}" for i in sorted(scores) for e in scores[i].idle_experts]

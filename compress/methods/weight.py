@@ -15,7 +15,6 @@ from torch import nn
 
 from calibration.stats import ChannelStats, input_stats
 from compress.methods.base import Method, StageContext
-from compress.model.offload import onloaded
 from compress.ops.slicing import (
     layer_linear_tensors,
     set_layer_linears,
@@ -29,8 +28,9 @@ class WeightMethod(Method):
     again so the next layer is calibrated on the pruned model's activations (`inputs: sequential`,
     the papers' choice); `inputs: dense` takes every layer's statistics from the dense model in a
     single pass per layer (about half the time).
-    Subclasses implement `linear_scores` (and may `prepare` something first, e.g. gradients);
-    `mask_group` picks the comparison group of unstructured masks.
+    Two verbs: `linear_scores` (every method) scores each weight, `decide` turns scores into a mask (the
+    default keeps the best per row or N:M group; `mask_group` picks the comparison group of unstructured
+    masks). A method may `prepare` something first, e.g. gradients.
 
     `owl: true` (unstructured only) first runs the dense model once to measure each layer's
     outlier ratio (share of weights whose score exceeds `owl_threshold` x the layer's mean score)
@@ -45,6 +45,14 @@ class WeightMethod(Method):
     def linear_scores(self, index: int, name: str, linear: nn.Linear, stats: ChannelStats | None) -> torch.Tensor:
         """Score of every weight of `linear` (layer `index`; higher = keep), from its input statistics."""
 
+    def decide(self, index: int, name: str, linear: nn.Linear, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+        """Keep-mask of `linear` from its weight scores: by default the highest-scored (1 - sparsity) of
+        each comparison group (`mask_group`: a row, or the whole matrix) or N:M group."""
+        from compress.ops.masks import make_mask
+
+        cfg = self.config
+        return make_mask(scores, sparsity, cfg.pattern, getattr(cfg, "group", self.mask_group))
+
     def prepare(self, ctx: StageContext) -> None:
         """Work done once before the layer loop (default: nothing)."""
 
@@ -58,7 +66,7 @@ class WeightMethod(Method):
         if not self.uses_activations:
             for index, layer in enumerate(adapter.layers()):
                 if resume is None or index >= resume[0]:
-                    with onloaded(layer, adapter.offload_store, f"layer-{index:04d}"):
+                    with adapter.onloaded(index):
                         yield index, layer, {}
             return
         capture = ctx.new_capture(1 if advance else 2)
@@ -90,7 +98,7 @@ class WeightMethod(Method):
         return owl_allocation(ratios, cfg.sparsity, cfg.owl_lambda)
 
     def run(self, ctx: StageContext) -> dict:
-        from compress.ops.masks import apply_mask, make_mask, zero_fraction
+        from compress.ops.masks import apply_mask, zero_fraction
 
         cfg, adapter, folder = self.config, ctx.adapter, ctx.folder
         self.prepare(ctx)
@@ -106,7 +114,7 @@ class WeightMethod(Method):
             depth, hidden, _ = resume
             for index in range(depth):
                 tensors, meta = folder.load_layer(index)
-                with onloaded(adapter.layers()[index], adapter.offload_store, f"layer-{index:04d}"):
+                with adapter.onloaded(index):
                     set_layer_linears(adapter, adapter.layers()[index], tensors)
                 zeros.update(meta["zeros"])
             resume = (depth, hidden)
@@ -120,7 +128,6 @@ class WeightMethod(Method):
                 folder.checkpoint_hidden(index + 1, capture.hidden)
 
         untouched: list[str] = []
-        group = getattr(cfg, "group", self.mask_group)
         dense_inputs = getattr(cfg, "inputs", "sequential") == "dense"
         for index, layer, stats in self.layer_statistics(ctx, advance=dense_inputs, resume=resume,
                                                          after_layer=save_progress):
@@ -131,7 +138,7 @@ class WeightMethod(Method):
                     zeros[f"layers.{index}.{name}"] = zero_fraction(linear.weight)
                     continue
                 scores = self.linear_scores(index, name, linear, stats.get(name))
-                apply_mask(linear, make_mask(scores, sparsity, cfg.pattern, group))
+                apply_mask(linear, self.decide(index, name, linear, scores, sparsity))
                 zeros[f"layers.{index}.{name}"] = zero_fraction(linear.weight)
         details = {"pattern": cfg.pattern, "zero_fraction_per_linear": zeros}
         if untouched:

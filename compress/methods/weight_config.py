@@ -5,6 +5,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from compress.config import StageConfig
+from compress.errors import UserError
 from compress.ops.masks import parse_pattern
 
 
@@ -34,3 +35,25 @@ class WeightStageConfig(StageConfig):
             raise ValueError(f"owl=true sets a different sparsity per layer, which pattern {self.pattern} fixes at "
                              f"{1 - nm[0] / nm[1]:g}; use pattern=unstructured with owl")
         return self
+
+    def check_model(self, view, number: int, recipe) -> None:
+        """N:M needs every input width to be a multiple of M, including widths earlier stages chose, and no
+        structured stage may come after it."""
+        nm = parse_pattern(self.pattern)
+        if nm is None:
+            return
+        m = nm[1]
+        for name, width in view.input_widths().items():
+            if isinstance(width, int) and width % m:
+                raise UserError(f"stage {number} ({self.method} {self.pattern}): the model's {name} {width} is "
+                                f"not a multiple of M={m}; choose an N:M pattern whose M divides it")
+        for later_number, later in enumerate(recipe.stages[number + 1:], number + 1):
+            if hasattr(later, "round_to"):
+                raise UserError(f"stage {later_number} ({later.method}) removes structures after the {self.pattern} "
+                                f"stage {number}, which would break its pattern; put structured stages first")
+        for before, earlier in enumerate(recipe.stages[:number]):
+            round_to = getattr(earlier, "round_to", None)
+            if round_to is not None and round_to % m:
+                raise UserError(f"stage {number} ({self.method} {self.pattern}) needs MLP widths that are multiples "
+                                f"of {m}, but stage {before} ({earlier.method}) may leave any width; set "
+                                f"stages.{before}.round_to={m if m >= 8 else 8} (any multiple of {m})")

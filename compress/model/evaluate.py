@@ -90,3 +90,19 @@ def generation_tokens_per_second(model, new_tokens: int = 128, repeats: int = 2)
 
     generate(8)
     return new_tokens / min(generate(new_tokens) for _ in range(repeats))
+
+
+def evaluate_ppl(model, tokenizer, evaluation, progress, label: str, test_ids=None) -> float | None:
+    """Perplexity under a recipe's eval block (None for `ppl: none`), with a progress bar `ppl LABEL`.
+
+    `test_ids`: the evaluation text already tokenized (a run measures several times on the same text).
+    """
+    from calibration.data import read_source_text, tokenize_text
+
+    if evaluation.ppl == "none":
+        return None
+    if test_ids is None:
+        test_ids = tokenize_text(tokenizer, read_source_text(evaluation, "eval", "eval"))
+    windows = eval_windows(test_ids, evaluation.seq_len, evaluation.ppl)
+    with progress.bar(f"ppl {label}", len(windows), "win") as update:
+        return perplexity(model, windows, update)

@@ -111,7 +111,7 @@ def onloaded(layer: nn.Module, store: Path | None, name: str = "layer", write_ba
         return
     if write_back and store is None:
         raise RuntimeError("a disk-offloaded layer is being changed but the model has no offload store "
-                           "(set model.compress_offload_store to a folder)")
+                           "(give get_adapter(model, offload_store=FOLDER))")
     from accelerate.hooks import add_hook_to_module
 
     previous = list(_hooks(layer))

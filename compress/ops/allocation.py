@@ -136,3 +136,31 @@ def round_widths(units: list[UnitScores], kept: dict[tuple[int, str], torch.Tens
         width = max(multiple, int(round(len(kept[key]) / multiple)) * multiple)
         result[key] = _keep_top(u.scores, min(width, total))
     return result
+
+
+def standardize(values: torch.Tensor) -> torch.Tensor:
+    std = values.std()
+    return (values - values.mean()) / (std if std > 0 else 1.0)
+
+
+def importance_weights(distance: torch.Tensor, temperature: float) -> torch.Tensor:
+    """sigmoid(temperature * (d - mean d)): > 0.5 for layers that change the stream more than average."""
+    distance = distance.double()
+    return torch.sigmoid(temperature * (distance - distance.mean()))
+
+
+def block_keep_ratios(weights: torch.Tensor, sizes: torch.Tensor, keep: float, floor: float,
+                      ceiling: float = 1.0) -> torch.Tensor:
+    """Keep ratio per layer proportional to `weights`, size-weighted mean `keep`, within [floor, ceiling].
+
+    Out-of-range ratios are brought in by shrinking every deviation about the mean by one factor,
+    which keeps the mean (and so the global budget) exact.
+    """
+    weights, sizes = weights.double(), sizes.double()
+    ratios = keep * weights * sizes.sum() / (weights * sizes).sum()
+    gamma = 1.0
+    if ratios.max() > ceiling:
+        gamma = min(gamma, (ceiling - keep) / float(ratios.max() - keep))
+    if ratios.min() < floor:
+        gamma = min(gamma, (keep - floor) / float(keep - ratios.min()))
+    return keep + gamma * (ratios - keep)

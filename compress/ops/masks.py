@@ -80,3 +80,30 @@ def follows_nm(weight: torch.Tensor, n: int, m: int) -> bool:
 
 def zero_fraction(weight: torch.Tensor) -> float:
     return float((weight == 0).sum()) / weight.numel()
+
+
+class MaskSnapshot:
+    """The zeros of every decoder linear before a dense update (e.g. a LoRA merge), to put back after it.
+
+    `restore()` re-applies them and verifies that each N:M pattern still holds, except on the linears
+    in `exempt` (left untouched by the stage that imposed the pattern).
+    """
+
+    def __init__(self, adapter, patterns: list[tuple[int, int]], exempt: set[str] = frozenset()):
+        self.linears = {f"layers.{i}.{name}": linear for i, layer in enumerate(adapter.layers())
+                        for name, linear in adapter.decoder_linears(layer).items()}
+        self.masks = {key: linear.weight != 0 for key, linear in self.linears.items()}
+        self.patterns, self.exempt = list(patterns), set(exempt)
+
+    def restore(self) -> list[str]:
+        """Re-apply the masks; returns the verified patterns as 'N:M' strings."""
+        with torch.no_grad():
+            for key, linear in self.linears.items():
+                linear.weight.mul_(self.masks[key].to(linear.weight.dtype))
+        for key, linear in self.linears.items():
+            if key in self.exempt:
+                continue
+            for n, m in self.patterns:
+                if not follows_nm(linear.weight, n, m):
+                    raise RuntimeError(f"{key} lost its {n}:{m} pattern after recovery")
+        return [f"{n}:{m}" for n, m in self.patterns]

@@ -1,0 +1,92 @@
+"""A short fine-tuning loop for adapters (LoRA recovery, and methods that prune while they train).
+
+One process: plain training. Under `accelerate launch`: data-parallel, each process takes its share
+of every batch and gradients are averaged (the same updates as one big process).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from compress.errors import UserError
+from compress.model.processes import on_cpu
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # the trained model, unwrapped from accelerate
+    losses: list[float]
+    seconds: float
+
+    def summary(self, tokens: int) -> dict:
+        """Report fields: time, throughput, first/last loss, and the loss curve in up to ~10 points."""
+        steps = len(self.losses)
+        window = max(1, min(10, steps // 4))
+        return {
+            "train_seconds": self.seconds,
+            "tokens_per_second": tokens / self.seconds,
+            "loss_first": sum(self.losses[:window]) / window,
+            "loss_last": sum(self.losses[-window:]) / window,
+            "loss_curve": [round(sum(self.losses[i:i + window]) / len(self.losses[i:i + window]), 4)
+                           for i in range(0, steps, window)],
+        }
+
+
+def train(model: torch.nn.Module, windows: torch.Tensor, *, steps: int, batch_size: int, learning_rate: float,
+          weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float = 1.0, seed: int = 0,
+          make_bar: Callable | None = None, on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """AdamW with warm-up + cosine decay and gradient clipping on the trainable parameters of `model`,
+    `steps` batches of `batch_size` windows drawn in a seeded order; `on_step(step)` runs after each update."""
+    from accelerate import Accelerator
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, steps))
+    accelerator = Accelerator(cpu=on_cpu())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if batch_size % world:
+        raise UserError(f"recovery batch_size {batch_size} must be a multiple of the {world} processes")
+    train_model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    losses: list[float] = []
+    bar = make_bar("recovery", steps, "step") if make_bar and accelerator.is_main_process else None
+    start = time.perf_counter()
+    train_model.train()
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    try:
+        for step in range(steps):
+            batch = windows[order[step * batch_size:(step + 1) * batch_size]][rank::world].to(device)
+            loss = train_model(input_ids=batch, labels=batch, use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise UserError(f"recovery loss became {loss.item()} at step {step}; lower learning_rate "
+                                f"(now {learning_rate:g}) or run in float32")
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(parameters, max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(step)
+            if bar is not None:
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}",
+                                tok_s=f"{(step + 1) * batch.numel() * world / elapsed:.0f}")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return TrainResult(accelerator.unwrap_model(train_model), losses, time.perf_counter() - start)
