@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from calibration.datasets import is_packaged, named_text
 from compress.errors import UserError
 
 
@@ -23,7 +24,6 @@ def read_source_text(data, key: str = "calibration", role: str = "calibration") 
     `role` picks what a named set gives ('calibration', 'train' or 'eval').
     """
     if data.source == "builtin":
-        from calibration.datasets import named_text
 
         return named_text(data.name, role, key)
     if data.source == "text":
@@ -77,7 +77,6 @@ def read_records(source: str, path: str | None = None, dataset: str | None = Non
 def describe_source(data) -> str:
     """A short human name of a data block: 'wikitext2 (packaged)', a path, or a dataset name."""
     if data.source == "builtin":
-        from calibration.datasets import is_packaged
 
         return f"{data.name} ({'packaged' if is_packaged(data.name) else 'Hugging Face Hub'})"
     if data.source == "self":
@@ -191,7 +190,6 @@ def calibration_windows(cfg, model, tokenizer, progress=None) -> torch.Tensor:
 
 def text_digest(block, key: str, role: str) -> str | None:
     """SHA-256 of a data block's text when it is local (a file or a packaged set), else None."""
-    from calibration.datasets import is_packaged
 
     if block.source not in ("text", "jsonl") and not (block.source == "builtin" and is_packaged(block.name)):
         return None

@@ -33,13 +33,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from compress.arch.moe import ExpertLinear
 from compress.errors import NumericalError
+from compress.model.loading import cache_root
 
 FORMAT_VERSION = 1
 
 
 def gradient_cache_dir() -> Path:
-    from compress.model.loading import cache_root
     return cache_root() / "gradients"
 
 
@@ -126,7 +127,6 @@ def trainable_targets(adapter) -> tuple[dict[str, torch.Tensor], dict[str, tuple
     a fused expert tensor (compress.arch.moe.ExpertLinear): the fused parameter is the target and
     `views[linear key] = (fused key, expert, rows)` cuts its accumulator back into projections.
     """
-    from compress.arch.moe import ExpertLinear
 
     targets, views = {}, {}
     for i, layer in enumerate(adapter.layers()):

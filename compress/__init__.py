@@ -10,6 +10,9 @@ Python API (the same recipe as the CLI):
 
 __version__ = "0.1.0"
 
+# The API functions import what they use when called, so `import compress` stays light (torch and
+# transformers load on first use); everywhere else the package imports at module level.
+
 
 def load_recipe(recipe, overrides=None):
     from compress.recipe import load_recipe as _load

@@ -4,6 +4,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from calibration.datasets import check_name
+from compress.errors import UserError
+
 
 class Strict(BaseModel):
     """Unknown keys are errors; values are checked on assignment too."""
@@ -64,8 +67,6 @@ class DataSource(Strict):
     @model_validator(mode="after")
     def _check_name(self):
         if self.source == "builtin":
-            from calibration.datasets import check_name
-            from compress.errors import UserError
 
             if self.file is not None:
                 raise ValueError(f"{self._file_key()} is set but source=builtin reads the named data set "

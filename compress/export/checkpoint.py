@@ -21,10 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compress.arch import get_adapter
 from compress.arch.base import Adapter
 from compress.errors import UserError
+from compress.model.loading import load_pruned
 from compress.model.modeling_pruned import attach_zero_bias
-from compress.model.offload import model_device
+from compress.model.offload import model_device, onloaded
+from compress.ops.masks import follows_nm
 from compress.workdir import fault_point
 
 MODELING_FILE = Path(__file__).resolve().parent.parent / "model" / "modeling_pruned.py"
@@ -196,12 +199,9 @@ def max_logit_difference(expected: torch.Tensor, reloaded) -> float:
 def check_nm_patterns(model, patterns: tuple[tuple[int, int], ...], exempt: frozenset[str] = frozenset()) -> None:
     """Raise if any decoder linear of `model` breaks one of the N:M patterns (`exempt`: `layers.I.NAME` keys of
     linears left as they were, e.g. experts that received no calibration tokens)."""
-    from compress.arch import get_adapter
-    from compress.ops.masks import follows_nm
 
     if not patterns:
         return
-    from compress.model.offload import onloaded
 
     adapter = get_adapter(model)
     for index, layer in enumerate(adapter.layers()):
@@ -244,7 +244,6 @@ def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwr
     With `release_model`, the in-memory model's weights are freed once written (after its
     reference logits are taken), so the reload does not hold two copies of the model.
     """
-    from compress.model.loading import load_pruned
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compress.arch import get_adapter
 from compress.errors import UserError
 from compress.ops.masks import follows_nm
 
@@ -44,7 +45,6 @@ def plan(model: nn.Module, dtype: torch.dtype | None = None) -> list[Decision]:
 
     `dtype`: the dtype the weights will have when converted (default: their current dtype).
     """
-    from compress.arch import get_adapter
 
     adapter = get_adapter(model)
     limits = shape_constraints()
@@ -83,7 +83,6 @@ def convert(model: nn.Module, dtype: torch.dtype = torch.float16) -> list[Decisi
     """Move `model` to the GPU in `dtype` and convert every eligible linear; returns the plan."""
     from torch.sparse import to_sparse_semi_structured
 
-    from compress.arch import get_adapter
 
     device = require_sparse_gpu()
     model.to(device=device, dtype=dtype)

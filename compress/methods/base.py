@@ -17,6 +17,7 @@ import torch
 from compress.arch.base import Adapter
 from compress.config import StageConfig
 from compress.ops.allocation import UnitScores
+from compress.ops.masks import parse_pattern
 from compress.workdir import StageFolder
 
 # Experts' widths are multiples of this: transformers' default (grouped matmul) experts forward needs
@@ -53,7 +54,6 @@ class StageResult:
     @property
     def pattern(self) -> tuple[int, int] | None:
         """The N:M pattern this stage imposed (None: unstructured, or not a weight stage)."""
-        from compress.ops.masks import parse_pattern
 
         return parse_pattern(self.config["pattern"]) if "pattern" in self.config else None
 

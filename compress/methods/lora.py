@@ -40,12 +40,17 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from calibration.data import check_not_eval_text, read_records, read_source_text, sample_windows, tokenize_text
+from calibration.stats import measure_block_importance
 from compress.arch.base import Adapter, known_linear_names
 from compress.config import DataSource, StageConfig
 from compress.errors import UserError
 from compress.methods.base import Method, StageContext
 from compress.methods.registry import register
 from compress.model.offload import is_offloaded
+from compress.ops.allocation import importance_weights
+from compress.ops.masks import MaskSnapshot
+from compress.ops.training import train
 
 
 class RecoveryDataConfig(DataSource):
@@ -95,7 +100,6 @@ class LoraConfig(StageConfig):
 
     def check_model(self, view, number: int, recipe) -> None:
         """The training data exists, is not the evaluation text, and its windows fit the model's context."""
-        from calibration.data import check_not_eval_text
 
         view.check_context_length(f"stages.{number}.seq_len", self.seq_len)
         data = self.data
@@ -121,7 +125,6 @@ class LoraConfig(StageConfig):
 
 def recovery_text(data: RecoveryDataConfig, eos: str | None) -> str:
     """The training text: plain text, or instruction records formatted by the template and joined by EOS."""
-    from calibration.data import read_records, read_source_text
 
     if data.template is None:
         return read_source_text(data, key="data", role="train")
@@ -138,7 +141,6 @@ def recovery_text(data: RecoveryDataConfig, eos: str | None) -> str:
 
 def layer_ranks(importance: list[float], config: LoraConfig) -> list[int]:
     """LoRA rank per layer following the importance (mean = `rank`, within [min_rank, max_rank])."""
-    from compress.ops.allocation import importance_weights
 
     weights = importance_weights(torch.tensor(importance, dtype=torch.float64), config.importance_temperature)
     if config.rank_allocation == "inverse":
@@ -154,8 +156,6 @@ class LoraRecovery(Method):
     prunes = False
 
     def run(self, ctx: StageContext) -> dict:
-        from compress.ops.masks import MaskSnapshot
-        from compress.ops.training import train
 
         cfg, adapter = self.config, ctx.adapter
         if adapter.offload_store is not None and any(is_offloaded(layer) for layer in adapter.layers()):
@@ -213,7 +213,6 @@ class LoraRecovery(Method):
             importance = next((s.block_importance for s in reversed(ctx.previous) if s.block_importance is not None),
                               None)
             if importance is None:
-                from calibration.stats import measure_block_importance
                 importance = measure_block_importance(ctx.new_capture(1))
             ranks = layer_ranks(importance, cfg)
             details["layer_ranks"] = ranks
@@ -252,7 +251,6 @@ class LoraRecovery(Method):
 
 def training_windows(cfg: LoraConfig, ctx: StageContext) -> torch.Tensor:
     """`steps x batch_size` windows of `seq_len` tokens from the stage's data, at seeded offsets."""
-    from calibration.data import sample_windows, tokenize_text
 
     if cfg.data.source == "calibration":  # e.g. calibration=self: the windows the model wrote, end to end
         ids = ctx.windows.flatten()

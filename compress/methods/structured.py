@@ -25,6 +25,7 @@ from torch import nn
 
 from calibration.stats import ChannelStats, input_stats
 from compress.arch.base import Adapter
+from compress.arch.moe import expert_linears
 from compress.methods.base import (
     EXPERT_WIDTH_MULTIPLE,
     LayerScores,
@@ -73,7 +74,6 @@ class StructuredMethod(Method):
         if experts is None:
             observed["mlp"] = adapter.down_proj(layer)
         else:
-            from compress.arch.moe import expert_linears
 
             observed.update({expert_channels(e): down for e, (_, _, down) in enumerate(expert_linears(experts))})
         return observed
@@ -108,7 +108,6 @@ class StructuredMethod(Method):
         An expert that received no token has no statistics: its channels are ranked by a data-free
         score, ||down[:, j]|| x ||up[j]|| x ||gate[j]||, it does not weigh on the slots, and it is reported.
         """
-        from compress.arch.moe import expert_linears
 
         rows, tokens, idle = [], [], []
         for e, (gate, up, down) in enumerate(expert_linears(adapter.experts(layer))):

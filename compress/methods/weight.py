@@ -15,6 +15,7 @@ from torch import nn
 
 from calibration.stats import ChannelStats, input_stats
 from compress.methods.base import Method, StageContext
+from compress.ops.masks import apply_mask, make_mask, zero_fraction
 from compress.ops.slicing import (
     layer_linear_tensors,
     set_layer_linears,
@@ -48,7 +49,6 @@ class WeightMethod(Method):
     def decide(self, index: int, name: str, linear: nn.Linear, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
         """Keep-mask of `linear` from its weight scores: by default the highest-scored (1 - sparsity) of
         each comparison group (`mask_group`: a row, or the whole matrix) or N:M group."""
-        from compress.ops.masks import make_mask
 
         cfg = self.config
         return make_mask(scores, sparsity, cfg.pattern, getattr(cfg, "group", self.mask_group))
@@ -98,7 +98,6 @@ class WeightMethod(Method):
         return owl_allocation(ratios, cfg.sparsity, cfg.owl_lambda)
 
     def run(self, ctx: StageContext) -> dict:
-        from compress.ops.masks import apply_mask, zero_fraction
 
         cfg, adapter, folder = self.config, ctx.adapter, ctx.folder
         self.prepare(ctx)

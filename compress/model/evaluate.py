@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from calibration.data import read_source_text, tokenize_text
 from compress.model.offload import model_device
 
 QUICK_WINDOWS = 64
@@ -97,7 +98,6 @@ def evaluate_ppl(model, tokenizer, evaluation, progress, label: str, test_ids=No
 
     `test_ids`: the evaluation text already tokenized (a run measures several times on the same text).
     """
-    from calibration.data import read_source_text, tokenize_text
 
     if evaluation.ppl == "none":
         return None

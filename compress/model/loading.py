@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from compress.errors import UserError
+from compress.model.modeling_pruned import make_classes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -221,7 +222,6 @@ def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32, **placem
     config = json.loads((folder / "config.json").read_text())
     if "per_layer_config" not in config:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, **placement).eval()
-    from compress.model.modeling_pruned import make_classes
 
     base = config.get("compress_base") or {}
     if not base:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from compress.arch.base import Adapter, AttentionShape
+from compress.arch.moe import expert_linears, set_expert_weights
 from compress.model.memory import release_file_pages
 
 
@@ -163,7 +164,6 @@ def slice_experts(adapter: Adapter, layer: nn.Module, kept: torch.Tensor, compen
     each its own. `compensations[e]` (or None) rebuilds expert e's down projection: experts carry
     no bias, so only through-the-origin least squares applies (`LeastSquaresCompensation(intercept=False)`).
     """
-    from compress.arch.moe import expert_linears, set_expert_weights
 
     experts = adapter.experts(layer)
     gates, ups, downs = [], [], []
@@ -214,7 +214,6 @@ def set_layer_linears(adapter: Adapter, layer: nn.Module, tensors: dict[str, tor
     """Put saved decoder linears (any widths, from `layer_linear_tensors`) into `layer`, in place."""
     experts = adapter.experts(layer)
     if experts is not None:
-        from compress.arch.moe import expert_linears, set_expert_weights
 
         prefix = f"{adapter.mlp_name}.experts"
         count = len(expert_linears(experts))

@@ -16,7 +16,7 @@ from compress.arch import supported_model_types
 from compress.arch.config_view import ConfigView
 from compress.errors import UserError
 from compress.export.checkpoint import check_output_dir
-from compress.model.loading import describe_source, read_config
+from compress.model.loading import cache_root, describe_source, read_config
 from compress.recipe.schema import EvalConfig, ModelConfig, Recipe
 
 
@@ -75,7 +75,6 @@ def check_eval(evaluation: EvalConfig, view: ConfigView, file_key: str = "eval.t
 def source_weight_bytes(name: str, kind: str) -> int | None:
     folder = Path(name).expanduser() if kind == "folder" else None
     if kind == "builtin":
-        from compress.model.loading import cache_root
         folder = cache_root() / "models" / name
     if folder is None or not folder.is_dir():
         return None

@@ -29,7 +29,7 @@ from compress.methods.base import StageResult
 from compress.model.evaluate import evaluate_ppl, forward_tokens_per_second, generation_tokens_per_second
 from compress.model.loading import load_model
 from compress.model.memory import return_freed_memory_promptly
-from compress.model.offload import is_offloaded
+from compress.model.offload import OFFLOAD_MMAP_THRESHOLD, is_offloaded
 from compress.model.processes import is_main_process
 from compress.ops.masks import parse_pattern
 from compress.ops.slicing import decoder_linear_params
@@ -141,7 +141,6 @@ def load(state: RunState) -> None:
         state.adapter = get_adapter(state.model, store / "layers" if store is not None else None)
         state.adapter.check_supported()
         if store is not None:
-            from compress.model.offload import OFFLOAD_MMAP_THRESHOLD
 
             return_freed_memory_promptly(OFFLOAD_MMAP_THRESHOLD)
             on_disk = sum(is_offloaded(layer) for layer in state.adapter.layers())
