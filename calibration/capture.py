@@ -23,6 +23,9 @@ from compress.arch.moe import routed_experts
 from compress.errors import NonFiniteInput, NumericalError
 from compress.model.offload import model_device
 
+# the key/value cache of a decoder call (the names transformers has used); calibration runs without one
+CACHE_KEYWORDS = ("past_key_values", "past_key_value", "cache")
+
 
 class LayerwiseCapture:
     """Calibration hidden states and per-layer call arguments, advanced one decoder layer at a time."""
@@ -54,8 +57,11 @@ class LayerwiseCapture:
 
         def recorder(index):
             def forward(*args, **kwargs):
+                if len(args) > 1:  # a layout this capture does not know: never replay a layer without them
+                    raise RuntimeError(f"decoder layer {index} was called with {len(args)} positional arguments; "
+                                       f"the capture records hidden states plus keyword arguments only")
                 hidden = args[0] if args else kwargs.pop("hidden_states")
-                kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+                kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_KEYWORDS}
                 kwargs["use_cache"] = False
                 recorded[index].append(kwargs)
                 if index == 0:

@@ -17,6 +17,7 @@ folder is deleted once the checkpoint is exported. Safetensors only: nothing in 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -28,6 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from compress.model.loading import BUILTINS, cache_root
+
 
 def recipe_fingerprint(recipe) -> str:
     """Hash of everything that decides the pruned weights (not evaluation, not the output path)."""
@@ -35,7 +38,40 @@ def recipe_fingerprint(recipe) -> str:
     relevant = {key: data[key] for key in ("model", "calibration", "stages")}
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
     digest.update(code_fingerprint().encode())  # progress made by other code is not reused
+    digest.update(json.dumps(model_fingerprint(recipe.model.name), sort_keys=True).encode())
+    digest.update(json.dumps(library_versions(), sort_keys=True).encode())
+    digest.update(str(recipe.threads).encode())  # float results depend on the thread count
     return digest.hexdigest()[:24]
+
+
+def model_fingerprint(name: str | None) -> dict:
+    """What identifies the model's weights without reading them: for a local folder (or a cached
+    built-in) its config.json and the name, size and modification time of every weight file; for a
+    GGUF file its size and time; for a Hub id the name (its pinned revision is in the recipe)."""
+    if not name:
+        return {}
+    path = cache_root() / "models" / name if name in BUILTINS else Path(name).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        return {"file": stat.st_size, "mtime": stat.st_mtime_ns}
+    if not path.is_dir():
+        return {"name": name}
+    found = {"config": (path / "config.json").read_text() if (path / "config.json").is_file() else None}
+    for weights in sorted(path.glob("*.safetensors*")):
+        stat = weights.stat()
+        found[weights.name] = [stat.st_size, stat.st_mtime_ns]
+    return found
+
+
+def library_versions() -> dict:
+    """Versions of the libraries whose numerics decide the pruned weights."""
+    found = {}
+    for package in ("torch", "transformers", "safetensors", "accelerate", "peft"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
 
 
 def code_fingerprint() -> str:

@@ -35,6 +35,25 @@ def _logits(model):
         return model(IDS).logits
 
 
+def load_as_users_do(output, per_layer: bool):
+    """The lines a transformers user writes: the tokenizer never needs remote code; a per-layer export
+    needs trust_remote_code for the model and fails loudly without it; the pipeline generates."""
+    from transformers import AutoTokenizer, pipeline
+
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert tokenizer("The quick brown fox")["input_ids"]
+    if per_layer:
+        with pytest.raises(ValueError, match="custom code"):
+            AutoModelForCausalLM.from_pretrained(output, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(output)
+    generate = pipeline("text-generation", model=str(output), trust_remote_code=per_layer)
+    text = generate("The quick", max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    assert text.startswith("The quick")
+    return model
+
+
 @pytest.mark.parametrize("uniform", [False, True], ids=["per-layer", "uniform"])
 def test_flap_30_exports_and_reloads(model_dir, text_files, tmp_path, uniform):
     output = tmp_path / "out"
@@ -49,9 +68,8 @@ def test_flap_30_exports_and_reloads(model_dir, text_files, tmp_path, uniform):
     config = json.loads((output / "config.json").read_text())
     if uniform:
         assert "per_layer_config" not in config and "auto_map" not in config
-        stock = AutoModelForCausalLM.from_pretrained(output)  # no remote code
-    else:
-        stock = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)  # the shipped file
+    # the stock config when every layer has the same widths, else the shipped modelling file
+    stock = load_as_users_do(output, per_layer=report["export"]["format"] == "per_layer")
     assert (_logits(ours) - _logits(stock)).abs().max() < 1e-4
     adapter = get_adapter(ours)
     assert all(adapter.intermediate_size(layer) % 8 == 0 for layer in adapter.layers())
@@ -80,3 +98,20 @@ def test_uniform_widths_with_biases_the_stock_class_cannot_hold_fall_back_to_per
                           progress=False, log=lambda _: None)
     assert report["export"]["format"] == "per_layer"
     assert report["export"]["reload_max_abs_logit_diff"] < 1e-4
+
+
+def test_per_layer_head_counts_load_with_the_standard_lines(text_files, tmp_path):
+    """FLAP 60% removes KV groups, so the stock config's validator would meet per-layer head counts:
+    the tokenizer must still load without remote code (it builds the config too)."""
+    folder = tmp_path / "llama"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    output = tmp_path / "out"
+    compress.run(_recipe(folder, text_files, output, [{"method": "flap", "sparsity": 0.6}]), progress=False,
+                 log=lambda _: None)
+    config = json.loads((output / "config.json").read_text())
+    heads = {entry["num_attention_heads"] for entry in config["per_layer_config"].values()}
+    assert heads != {6}, heads  # fewer query heads than the source's 6: the case that broke AutoTokenizer
+    assert config["model_type"] == "compress_pruned_llama" and config["compress_base"]["model_type"] == "llama"
+    model = load_as_users_do(output, per_layer=True)
+    assert (_logits(model) - _logits(compress.load(output))).abs().max() < 1e-4

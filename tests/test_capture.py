@@ -66,3 +66,27 @@ def test_statistics_pass_stopped_early_sees_the_same_inputs():
     assert len(calls) == 2
     # q, k, v read one input: the adapter groups them
     assert ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] in adapter.input_groups()
+
+
+def test_the_recorder_drops_every_cache_keyword_and_refuses_extra_positional_arguments():
+    """Audit R12: a decoder call with a second positional argument, or a `cache=` keyword, is never
+    silently replayed without it."""
+    import pytest
+
+    from calibration.capture import CACHE_KEYWORDS
+
+    assert {"cache", "past_key_values", "past_key_value"} <= set(CACHE_KEYWORDS)
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    windows = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    capture = LayerwiseCapture(adapter, windows, batch_size=2)
+    assert all(not set(kwargs) & set(CACHE_KEYWORDS) for kwargs in capture.layer_kwargs[0])
+
+    layers = adapter.layers()
+
+    def mask_passed_positionally(*args, **kwargs):
+        return layers[0](torch.zeros(2, 16, 96), torch.ones(2, 1, 16, 16))
+
+    adapter.base_model().forward = mask_passed_positionally
+    with pytest.raises(RuntimeError, match="2 positional arguments"):
+        LayerwiseCapture(adapter, windows, batch_size=2)

@@ -89,6 +89,10 @@ CASES = [
          ["stages=[{method: flap}, {method: lora, target_modules: [lm_head]}]"], "unknown target module 'lm_head'"),
     Case("instruction template on plain text", ["stages=[{method: flap}, {method: lora, data: {template: '{x}'}}]"],
          "set data.source=jsonl or hf"),
+    Case("GBLM on an offloaded model", ["stages=[{method: gblm}]", "model.max_memory={cpu: 1GiB}"],
+         "drop model.max_memory/model.device_map"),
+    Case("half precision offloaded with the reload check", ["dtype=bfloat16", "model.max_memory={cpu: 1GiB}"],
+         "use dtype=float32, or export.verify=false"),
     # output
     Case("no output folder", ["output="], "no output folder"),
     Case("output folder not empty", ["output={NONEMPTY}"], "is not empty"),

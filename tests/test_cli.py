@@ -45,8 +45,16 @@ def test_run_refuses_a_non_empty_output_then_overwrites(tiny_recipe, tmp_path):
     result = runner.invoke(app, ["run", *_args(tiny_recipe), "--quiet"])
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    # audit R5: --overwrite replaces a compress checkpoint, never a folder of something else
     result = runner.invoke(app, ["run", *_args(tiny_recipe), "--quiet", "--overwrite"])
-    assert result.exit_code == 0 and (out / "config.json").exists() and not (out / "precious.txt").exists()
+    assert result.exit_code == 2 and "not one (no report.json" in result.output, result.output
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    (out / "precious.txt").unlink()
+    assert runner.invoke(app, ["run", *_args(tiny_recipe), "--quiet"]).exit_code == 0
+    first = (out / "report.json").read_text()
+    result = runner.invoke(app, ["run", *_args(tiny_recipe), "--quiet", "--overwrite", "sparsity=0.2"])
+    assert result.exit_code == 0 and (out / "report.json").read_text() != first
+    assert not list(tmp_path.glob(".out.old-*")) and not list(tmp_path.glob(".out.partial-*"))
 
 
 def test_debug_shows_the_traceback(tiny_recipe):

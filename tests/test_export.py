@@ -88,7 +88,23 @@ def test_output_folder_rules(tmp_path):
     (tmp_path / "full" / "x").write_text("keep me")
     with pytest.raises(UserError, match="--overwrite"):
         check_output_dir(str(tmp_path / "full"), overwrite=False)
+    with pytest.raises(UserError, match="not one"):  # audit R5: not a compress checkpoint
+        check_output_dir(str(tmp_path / "full"), overwrite=True)
+    for name in ("report.json", "config.json"):
+        (tmp_path / "full" / name).write_text("{}")
     assert check_output_dir(str(tmp_path / "full"), overwrite=True)
+    (tmp_path / "full" / "model").mkdir()
+    with pytest.raises(UserError, match="model being pruned"):
+        check_output_dir(str(tmp_path / "full"), overwrite=True, source=str(tmp_path / "full" / "model"))
+    import os
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path / "full")
+        with pytest.raises(UserError, match="current folder"):
+            check_output_dir(".", overwrite=True)
+    finally:
+        os.chdir(cwd)
     assert check_output_dir(str(tmp_path / "new"), overwrite=False)
     with pytest.raises(UserError, match="output=DIR"):
         check_output_dir(None, overwrite=False)
@@ -120,3 +136,17 @@ def test_export_refuses_a_checkpoint_that_breaks_its_nm_pattern(tmp_path):
         write_checkpoint(model, None, adapter, tmp_path / "bad", overwrite=False, max_shard_size="2GB",
                          nm_patterns=((2, 4),))
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+
+
+def test_a_run_killed_between_the_two_renames_keeps_the_old_checkpoint(tmp_path):
+    """Audit R5: the old checkpoint is set aside, never deleted, until the new one is in place; a run
+    killed in between leaves it where the next run puts it back."""
+    from compress.export.checkpoint import remove_stale_staging
+
+    output = tmp_path / "out"
+    aside = tmp_path / ".out.old-999999999"  # a process id that does not exist
+    aside.mkdir()
+    (aside / "report.json").write_text("old")
+    remove_stale_staging(output)
+    assert (output / "report.json").read_text() == "old" and not aside.exists()

@@ -8,7 +8,7 @@ from compress.arch import get_adapter
 from compress.methods import METHODS
 from compress.methods.base import StageContext
 from compress.ops.slicing import decoder_linear_params
-from tests.conftest import tiny_llama
+from tests.conftest import TINY_ARCHITECTURES, TINY_MOE_ARCHITECTURES, tiny_llama, tiny_model
 
 WINDOWS = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))
 
@@ -31,6 +31,18 @@ def test_sparsity_zero_is_the_identity(method):
     model, reference = tiny_llama(), tiny_llama()
     prune(model, method, sparsity=0.0)
     torch.testing.assert_close(logits(model), logits(reference))
+
+
+@pytest.mark.parametrize("model_type", TINY_ARCHITECTURES + TINY_MOE_ARCHITECTURES)
+@pytest.mark.parametrize("method", ["flap", "wanda"])
+def test_sparsity_zero_is_the_identity_on_every_architecture(method, model_type):
+    """Audit R3: a structured and a weight-level method at sparsity 0 change nothing, dense and MoE."""
+    from compress.arch.moe import model_experts, routed_experts
+
+    model, reference = tiny_model(model_type), tiny_model(model_type)
+    adapter = prune(model, method, sparsity=0.0)
+    with routed_experts(model_experts(adapter)):
+        torch.testing.assert_close(logits(model), logits(reference))
 
 
 @pytest.mark.parametrize("method,config", [
@@ -75,12 +87,17 @@ def test_flap_compensation_adds_output_biases_and_each_step_helps():
 
 
 def test_flap_removes_low_fluctuation_channels():
+    """Audit D3: checked on the kept index set (gate rows are never rewritten by the compensation), so
+    a FLAP that kept its worst channels fails this test."""
     model = tiny_llama(num_hidden_layers=1)
     adapter = get_adapter(model)
-    down = adapter.down_proj(adapter.layers()[0])
+    layer = adapter.layers()[0]
+    down = adapter.down_proj(layer)
     with torch.no_grad():  # channel 7 carries no signal: its column of down_proj is tiny
         down.weight[:, 7] *= 1e-6
+    gate_before = adapter.gate_up(layer)[0].weight.detach().clone()
     prune(model, "flap", sparsity=0.2, structure="UL-UM")
-    # 160 channels -> the kept set no longer contains the dead channel (checked via the weights).
-    kept_columns = adapter.down_proj(adapter.layers()[0]).weight
-    assert kept_columns.abs().sum(0).min() > 1e-3
+    gate_after = adapter.gate_up(adapter.layers()[0])[0].weight.detach()
+    kept = [int((gate_before - row).abs().sum(1).argmin()) for row in gate_after]
+    assert torch.equal(gate_after, gate_before[kept])  # rows are kept as they were, in order
+    assert 7 not in kept and len(kept) < gate_before.shape[0]

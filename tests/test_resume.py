@@ -91,3 +91,20 @@ def test_progress_is_tied_to_the_recipe_and_the_code(tiny_recipe, monkeypatch):
     assert recipe_fingerprint(load_recipe({**tiny_recipe, "stages": [{"method": "flap", "sparsity": 0.2}]})) != first
     monkeypatch.setattr("compress.workdir.code_fingerprint", lambda: "other code")
     assert recipe_fingerprint(recipe) != first
+    monkeypatch.undo()
+    assert recipe_fingerprint(recipe) == first
+    # audit R7: the model's contents, the library versions and the thread count are part of it
+    import os
+
+    weights = Path(tiny_recipe["model"]["name"]) / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the model was rebuilt
+    try:
+        assert recipe_fingerprint(recipe) != first
+    finally:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert recipe_fingerprint(recipe) == first
+    monkeypatch.setattr("compress.workdir.library_versions", lambda: {"torch": "9.9"})
+    assert recipe_fingerprint(recipe) != first
+    monkeypatch.undo()
+    assert recipe_fingerprint(load_recipe({**tiny_recipe, "threads": 1})) != first

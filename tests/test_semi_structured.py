@@ -55,3 +55,21 @@ def test_without_a_sparse_gpu_the_message_says_why(tmp_path):
         require_sparse_gpu()
     with pytest.raises(UserError, match="no CUDA device"):
         compress.load(tmp_path, semi_structured=True)  # fails before touching the folder
+
+
+def test_mixture_of_experts_experts_stay_dense_and_attention_converts():
+    """Audit D8: expert views (into fused 3-D tensors) have no weight of their own to replace, so the
+    plan keeps them dense with a reason instead of marking them convertible (convert() then crashed)."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    config = MixtralConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    _two_four(model)
+    decisions = plan(model, torch.float16)
+    experts = [d for d in decisions if ".experts." in d.name]
+    others = [d for d in decisions if ".experts." not in d.name]
+    assert experts and all(not d.convert and "mixture-of-experts" in d.reason for d in experts)
+    assert others and all(d.convert for d in others)

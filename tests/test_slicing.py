@@ -112,3 +112,66 @@ def test_least_squares_never_worse_than_mean_on_the_calibration_data():
         with torch.no_grad():
             errors[name] = float((compensation.columns(linear, kept)(x[:, kept]) - linear(x)).pow(2).mean())
     assert errors["least_squares"] < 0.5 * errors["mean"]
+
+
+# ---- every architecture (audit R3): slicing equals masking, dense and mixture-of-experts ----------------
+import pytest  # noqa: E402
+
+from tests.conftest import TINY_ARCHITECTURES, TINY_MOE_ARCHITECTURES, tiny_model  # noqa: E402
+
+IDS = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(3))
+
+
+# every architecture whose tiny model has two KV groups (Gemma-3's has one: its MLP is tested below)
+@pytest.mark.parametrize("model_type", [t for t in TINY_ARCHITECTURES if t != "gemma3_text"] + ["mixtral", "qwen3_moe"])
+def test_removing_a_kv_group_equals_zeroing_it_on_every_architecture(model_type):
+    sliced, masked = tiny_model(model_type), tiny_model(model_type)
+    adapter_s, adapter_m = get_adapter(sliced), get_adapter(masked)
+    layer = adapter_s.layers()[0]
+    shape = adapter_s.attention_shape(layer)
+    assert shape.num_kv_heads == 2
+    q_kept, _ = group_channels(shape, torch.tensor([1]))
+    slice_attention(adapter_s, layer, torch.tensor([1]))
+    with torch.no_grad():
+        o = adapter_m.o_proj(adapter_m.layers()[0])
+        keep = torch.zeros(o.in_features, dtype=torch.bool)
+        keep[q_kept] = True
+        o.weight[:, ~keep] = 0
+    torch.testing.assert_close(_logits(sliced, IDS), _logits(masked, IDS))
+
+
+@pytest.mark.parametrize("model_type", TINY_ARCHITECTURES)
+def test_removing_mlp_channels_equals_zeroing_them_on_every_architecture(model_type):
+    sliced, masked = tiny_model(model_type), tiny_model(model_type)
+    adapter_s, adapter_m = get_adapter(sliced), get_adapter(masked)
+    kept = torch.arange(0, 160, 3)
+    slice_mlp(adapter_s, adapter_s.layers()[1], kept)
+    with torch.no_grad():
+        down = adapter_m.down_proj(adapter_m.layers()[1])
+        removed = torch.ones(160, dtype=torch.bool)
+        removed[kept] = False
+        down.weight[:, removed] = 0
+    torch.testing.assert_close(_logits(sliced, IDS), _logits(masked, IDS))
+
+
+@pytest.mark.parametrize("model_type", TINY_MOE_ARCHITECTURES)
+def test_removing_expert_channels_equals_zeroing_them(model_type):
+    from compress.arch.moe import expert_linears, routed_experts
+    from compress.ops.slicing import slice_experts
+
+    sliced, masked = tiny_model(model_type), tiny_model(model_type)
+    adapter_s, adapter_m = get_adapter(sliced), get_adapter(masked)
+    experts = adapter_s.experts(adapter_s.layers()[1])
+    count, width = experts.gate_up_proj.shape[0], experts.down_proj.shape[-1]
+    kept = torch.stack([torch.randperm(width, generator=torch.Generator().manual_seed(e))[:width // 2].sort().values
+                        for e in range(count)])
+    slice_experts(adapter_s, adapter_s.layers()[1], kept)
+    with torch.no_grad():
+        for e, (_, _, down) in enumerate(expert_linears(adapter_m.experts(adapter_m.layers()[1]))):
+            removed = torch.ones(width, dtype=torch.bool)
+            removed[kept[e]] = False
+            down.weight[:, removed] = 0
+    with routed_experts([adapter_s.experts(layer) for layer in adapter_s.layers()]), \
+            routed_experts([adapter_m.experts(layer) for layer in adapter_m.layers()]):
+        torch.testing.assert_close(_logits(sliced, IDS), _logits(masked, IDS))
+    assert adapter_s.experts(adapter_s.layers()[1]).down_proj.shape[-1] == width // 2

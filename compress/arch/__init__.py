@@ -10,6 +10,13 @@ from compress.arch import mistral as _mistral  # noqa: F401
 from compress.arch import moe as _moe  # noqa: F401
 from compress.arch import qwen2 as _qwen2  # noqa: F401
 from compress.arch import qwen3 as _qwen3  # noqa: F401
-from compress.arch.base import Adapter, get_adapter, register_adapter, supported_model_types
+from compress.arch.base import (
+    Adapter,
+    adapter_classes,
+    base_model_type,
+    get_adapter,
+    register_adapter,
+    supported_model_types,
+)
 
-__all__ = ["Adapter", "register_adapter", "get_adapter", "supported_model_types"]
+__all__ = ["Adapter", "adapter_classes", "base_model_type", "register_adapter", "get_adapter", "supported_model_types"]

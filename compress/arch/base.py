@@ -23,6 +23,16 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def adapter_classes() -> list[type["Adapter"]]:
+    """The registered adapter classes (one per architecture family)."""
+    return list(dict.fromkeys(_REGISTRY.values()))
+
+
+def base_model_type(config: dict) -> str | None:
+    """The architecture of a config.json: a compress per-layer export names its source's in compress_base."""
+    return (config.get("compress_base") or {}).get("model_type") or config.get("model_type")
+
+
 def get_adapter(model: nn.Module, offload_store: Path | None = None) -> "Adapter":
     """The adapter of `model`'s architecture. `offload_store`: folder where its disk-offloaded layers
     go after being handled (see compress.model.offload), None when every layer stays in memory."""

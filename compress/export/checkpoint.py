@@ -25,7 +25,7 @@ from compress.arch import get_adapter
 from compress.arch.base import Adapter
 from compress.errors import UserError
 from compress.model.loading import load_pruned
-from compress.model.modeling_pruned import attach_zero_bias
+from compress.model.modeling_pruned import PRUNED_PREFIX, attach_zero_bias
 from compress.model.offload import model_device, onloaded
 from compress.ops.masks import follows_nm
 from compress.workdir import fault_point
@@ -33,18 +33,38 @@ from compress.workdir import fault_point
 MODELING_FILE = Path(__file__).resolve().parent.parent / "model" / "modeling_pruned.py"
 
 
-def check_output_dir(output: str | None, overwrite: bool) -> Path:
+def check_output_dir(output: str | None, overwrite: bool, source: str | None = None) -> Path:
+    """The output folder, checked: a non-empty one is replaced only with `overwrite`, and only if it is a
+    compress checkpoint (never the current folder, home, an ancestor of either, or the model source)."""
     if not output:
         raise UserError("no output folder: add output=DIR")
     path = Path(output).expanduser()
     if path.exists() and not path.is_dir():
         raise UserError(f"output {path} exists and is a file; choose another output=DIR")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"output folder {path} is not empty; choose another output=DIR or add --overwrite")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise UserError(f"output folder {path} is not empty; choose another output=DIR or add --overwrite")
+        _check_replaceable(path, source)
     parent = path.parent if path.parent != Path("") else Path(".")
     if parent.exists() and not os.access(parent, os.W_OK):
         raise UserError(f"cannot write in {parent}; choose another output=DIR")
     return path
+
+
+def _check_replaceable(path: Path, source: str | None) -> None:
+    resolved = path.resolve()
+    protected = {Path.cwd().resolve(): "the current folder", Path.home().resolve(): "your home folder"}
+    for place, what in protected.items():
+        if resolved == place or resolved in place.parents:
+            raise UserError(f"--overwrite would delete {path}, which is {what} or holds it; choose another output=DIR")
+    if source and Path(source).expanduser().exists():
+        model = Path(source).expanduser().resolve()
+        if resolved == model or resolved in model.parents:
+            raise UserError(f"--overwrite would delete {path}, which holds the model being pruned; choose another "
+                            f"output=DIR")
+    if not ((path / "report.json").is_file() and (path / "config.json").is_file()):
+        raise UserError(f"--overwrite replaces only a checkpoint written by compress, and {path} is not one (no "
+                        f"report.json and config.json); empty it yourself or choose another output=DIR")
 
 
 def layer_layout(adapter: Adapter) -> list[dict]:
@@ -120,7 +140,10 @@ def _write_per_layer(model, adapter: Adapter, layout: list[dict], folder: Path, 
     }
     config["compress_base"] = {
         "module": adapter.transformers_module, "model_class": adapter.model_class, "config_class": adapter.config_class,
+        "model_type": config["model_type"],
     }
+    # not the stock type: transformers must never build the stock (dense-width) class from this config
+    config["model_type"] = PRUNED_PREFIX + config["model_type"]
     config["auto_map"] = {
         "AutoConfig": "modeling_pruned.PrunedConfig",
         "AutoModelForCausalLM": "modeling_pruned.PrunedForCausalLM",
@@ -216,11 +239,19 @@ def check_nm_patterns(model, patterns: tuple[tuple[int, int], ...], exempt: froz
 
 
 def remove_stale_staging(output: Path) -> None:
-    """Delete staging folders of earlier runs that were killed during export (their process is gone)."""
+    """Clean up after earlier runs killed during export (their process is gone): delete their staging
+    folders, and put an old checkpoint set aside for replacement back if the new one never arrived."""
     for stale in output.parent.glob(f".{output.name}.partial-*"):
         pid = stale.name.rpartition("-")[2]
         if pid.isdigit() and not _process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
+    for old in output.parent.glob(f".{output.name}.old-*"):
+        pid = old.name.rpartition("-")[2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            if output.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.rename(output)
 
 
 def _process_alive(pid: int) -> bool:
@@ -287,12 +318,16 @@ def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwr
                     target.write_bytes(content)
                 else:
                     target.write_text(content)
+        aside = None
         if output.exists():
             if not overwrite and any(output.iterdir()):
                 raise UserError(f"output folder {output} appeared while running; add --overwrite")
-            shutil.rmtree(output)
+            aside = output.parent / f".{output.name}.old-{os.getpid()}"
+            output.rename(aside)  # the old checkpoint stays whole until the new one is in place
         fault_point("export:staged")
         staging.rename(output)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

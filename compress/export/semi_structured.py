@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from compress.arch import get_adapter
+from compress.arch.moe import ExpertLinear
 from compress.errors import UserError
 from compress.ops.masks import follows_nm
 
@@ -55,7 +56,10 @@ def plan(model: nn.Module, dtype: torch.dtype | None = None) -> list[Decision]:
             weight = linear.weight
             target = dtype or weight.dtype
             rows, cols = weight.shape
-            if target not in limits:
+            if isinstance(linear, ExpertLinear):
+                # a view into a fused 3-D expert tensor: it has no weight of its own to replace
+                decisions.append(Decision(key, False, "mixture-of-experts expert (fused tensor; runs dense)"))
+            elif target not in limits:
                 decisions.append(Decision(key, False, f"dtype {target} has no 2:4 kernel"))
             elif not follows_nm(weight, 2, 4):
                 decisions.append(Decision(key, False, "weight is not 2:4 sparse"))
@@ -82,7 +86,6 @@ def require_sparse_gpu() -> torch.device:
 def convert(model: nn.Module, dtype: torch.dtype = torch.float16) -> list[Decision]:
     """Move `model` to the GPU in `dtype` and convert every eligible linear; returns the plan."""
     from torch.sparse import to_sparse_semi_structured
-
 
     device = require_sparse_gpu()
     model.to(device=device, dtype=dtype)

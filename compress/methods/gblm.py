@@ -45,6 +45,14 @@ class GblmConfig(WeightStageConfig):
     gradient_checkpointing: bool = Field(True, description="recompute layers in the backward: less memory, +1 forward")
     cache_gradients: bool = Field(True, description="reuse gradients from $COMPRESS_CACHE/gradients when possible")
 
+    def check_model(self, view, number: int, recipe) -> None:
+        """Gradients flow through the whole model at once: refuse device_map/max_memory placements."""
+        super().check_model(view, number, recipe)
+        if recipe.model.offloading:
+            raise UserError(f"stage {number} (gblm) takes gradients through the whole model at once, so it needs "
+                            f"every layer in memory: drop model.max_memory/model.device_map for this recipe, or use "
+                            f"stages.{number}.method=wanda (layer by layer, works offloaded)")
+
 
 @register
 class Gblm(WeightMethod):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from compress.arch import adapter_classes
 from compress.errors import UserError
 from compress.model.modeling_pruned import make_classes
 
@@ -165,7 +166,7 @@ def describe_source(name: str | None) -> str:
     return "hub"
 
 
-def read_config(name: str, kind: str, trust_remote_code: bool = False) -> dict | None:
+def read_config(name: str, kind: str, trust_remote_code: bool = False, revision: str | None = None) -> dict | None:
     """config.json of a folder or Hub model as a dict (None for GGUF / not yet fetched built-ins)."""
     if kind == "folder":
         return json.loads((Path(name).expanduser() / "config.json").read_text())
@@ -175,7 +176,8 @@ def read_config(name: str, kind: str, trust_remote_code: bool = False) -> dict |
         from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).to_dict()
+            # the pinned revision: preflight reads (and, with remote code, runs) what the load will use
+            return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision).to_dict()
         except Exception as err:
             raise UserError(f"cannot read the config of '{name}' from the Hugging Face Hub: "
                             f"{str(err).splitlines()[0]}") from err
@@ -227,5 +229,10 @@ def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32, **placem
     if not base:
         raise UserError(f"{folder}/config.json has per_layer_config but no compress_base entry; "
                         f"it was not written by compress")
-    _, model_class = make_classes(base["module"], base["model_class"], base["config_class"])
+    known = {(a.transformers_module, a.model_class, a.config_class) for a in adapter_classes()}
+    named = (base.get("module"), base.get("model_class"), base.get("config_class"))
+    if named not in known:  # only the stock classes of a supported architecture are ever imported
+        raise UserError(f"{folder}/config.json: compress_base {named[0]!r}.{named[1]!r} is not the stock class of a "
+                        f"supported architecture; refusing to import it")
+    _, model_class = make_classes(*named)
     return model_class.from_pretrained(folder, dtype=dtype, use_safetensors=True, **placement).eval()

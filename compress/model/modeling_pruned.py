@@ -11,7 +11,8 @@ inside the installed package instead, so no code is ever run from the checkpoint
 The stock architecture classes are reused: the model is built from the global (dense-width) config,
 then every decoder layer is rebuilt from its own per-layer view. Per-layer attributes written by
 `compress`: `intermediate_size`, `num_attention_heads`, `num_key_value_heads`. Bias flags for the
-output projections (added by bias compensation) live in `compress_output_biases`.
+output projections (added by bias compensation) live in `compress_output_biases`. The saved
+`model_type` is `compress_pruned_<base>`, so no stock class is ever built from this config by mistake.
 
 The three constants below are rewritten by the exporter for the source architecture.
 """
@@ -24,6 +25,10 @@ from torch import nn
 BASE_MODULE = "transformers.models.llama.modeling_llama"
 BASE_MODEL_CLASS = "LlamaForCausalLM"
 BASE_CONFIG_CLASS = "LlamaConfig"
+# config.json names the model type "compress_pruned_<base>": the stock class of <base> cannot hold
+# per-layer widths, so transformers must not pick it (the tokenizer, which builds the config too,
+# then falls back to a plain config; the model needs the classes below, i.e. trust_remote_code).
+PRUNED_PREFIX = "compress_pruned_"
 
 
 def _relaxed_validate_architecture(self):
@@ -56,6 +61,19 @@ def make_classes(base_module: str, base_model_class: str, base_config_class: str
     base_config = getattr(config_module, base_config_class)
 
     class PrunedConfig(base_config):
+        @classmethod
+        def get_config_dict(cls, *args, **kwargs):
+            config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+            if str(config_dict.get("model_type", "")).startswith(PRUNED_PREFIX):
+                config_dict = {**config_dict, "model_type": cls.model_type}  # the stock type, in memory
+            return config_dict, kwargs
+
+        def to_dict(self):
+            output = super().to_dict()
+            if output.get("per_layer_config"):
+                output["model_type"] = PRUNED_PREFIX + self.model_type
+            return output
+
         def validate_architecture(self):
             if getattr(self, "head_dim", None):
                 _relaxed_validate_architecture(self)

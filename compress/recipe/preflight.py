@@ -12,7 +12,7 @@ from pathlib import Path
 
 from calibration.data import check_not_eval_text, read_source_text
 from calibration.datasets import is_packaged
-from compress.arch import supported_model_types
+from compress.arch import base_model_type, supported_model_types
 from compress.arch.config_view import ConfigView
 from compress.errors import UserError
 from compress.export.checkpoint import check_output_dir
@@ -23,6 +23,10 @@ from compress.recipe.schema import EvalConfig, ModelConfig, Recipe
 def preflight(recipe: Recipe, export: bool = True) -> Path | None:
     """Every check that needs no weights. Returns the output folder (or None when not exporting)."""
     kind, config = check_model(recipe.model)
+    if recipe.model.offloading and recipe.model.dtype != "float32" and recipe.export.verify and export:
+        raise UserError("the reload check of a model loaded with device_map/max_memory runs in float32: use "
+                        "dtype=float32, or export.verify=false to skip the check (the weights are still written "
+                        "atomically)")
     view = ConfigView(config)
     for number, stage in enumerate(recipe.stages):
         stage.check_model(view, number, recipe)  # each method checks its own fields (N:M widths, data, ...)
@@ -46,7 +50,7 @@ def preflight(recipe: Recipe, export: bool = True) -> Path | None:
     view.check_context_length("calibration.seq_len", cal.seq_len)
     if not export:
         return None
-    output = check_output_dir(recipe.export.output, recipe.export.overwrite)
+    output = check_output_dir(recipe.export.output, recipe.export.overwrite, recipe.model.name)
     check_disk_space(recipe, kind, config, output)
     return output
 
@@ -54,9 +58,9 @@ def preflight(recipe: Recipe, export: bool = True) -> Path | None:
 def check_model(model: ModelConfig) -> tuple[str, dict | None]:
     """The model source exists and its architecture is supported: (source kind, config or None)."""
     kind = describe_source(model.name)
-    config = read_config(model.name, kind, model.trust_remote_code)
-    if config is not None and config.get("model_type") not in supported_model_types():
-        raise UserError(f"unsupported architecture '{config.get('model_type')}' for {model.name}: "
+    config = read_config(model.name, kind, model.trust_remote_code, model.revision)
+    if config is not None and base_model_type(config) not in supported_model_types():
+        raise UserError(f"unsupported architecture '{base_model_type(config)}' for {model.name}: "
                         f"supported model types are {', '.join(supported_model_types())}")
     return kind, config
 
