@@ -48,8 +48,9 @@ class CfspConfig(StructuredStageConfig):
     targets: Literal["mlp", "both"] = Field("mlp", description="MLP channels only (the paper), or KV groups too")
     score: Literal["paper", "released"] = Field(
         "paper", description="fine score: relative importance (paper) or activation norm (released code)")
-    temperature: float = Field(6.5, gt=0, description="sigmoid temperature of the layer importance "
-                                                      "(6.5 ~ the released code at 128 x 512 tokens)")
+    temperature: float = Field(6.5, gt=0, description="sigmoid temperature of the layer importance: a fixed "
+                                                      "hyper-parameter (6.5 matches the released code only at "
+                                                      "128 x 512 calibration tokens)")
     min_keep: float = Field(0.05, gt=0, lt=1, description="no layer keeps less than this share of its prunable part")
     compensation: Literal["least_squares", "bias", "none"] = "least_squares"
 
