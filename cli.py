@@ -199,7 +199,7 @@ def evaluate(args: list[str] = ARGS, quiet: bool = typer.Option(False, "--quiet"
     def action():
         from pydantic import ValidationError
 
-        from calibration.data import describe_source
+        from calibration.data import describe_data
         from compress.arch.config_view import ConfigView
         from compress.errors import UserError
         from compress.model.evaluate import evaluate_ppl
@@ -236,7 +236,7 @@ def evaluate(args: list[str] = ARGS, quiet: bool = typer.Option(False, "--quiet"
             torch.set_num_threads(int(values["threads"]))
         model, tokenizer = load_model(model_cfg.name, model_cfg.dtype)
         value = evaluate_ppl(model, tokenizer, evaluation, Progress(not quiet), "eval")
-        typer.echo(f"ppl ({evaluation.ppl}, {evaluation.seq_len} tokens, {describe_source(evaluation)}) {value:.4f}")
+        typer.echo(f"ppl ({evaluation.ppl}, {evaluation.seq_len} tokens, {describe_data(evaluation)}) {value:.4f}")
 
     _guard(debug, action)
 

@@ -74,7 +74,7 @@ def read_records(source: str, path: str | None = None, dataset: str | None = Non
     raise UserError(f"unknown {key} source '{source}'")
 
 
-def describe_source(data) -> str:
+def describe_data(data) -> str:
     """A short human name of a data block: 'wikitext2 (packaged)', a path, or a dataset name."""
     if data.source == "builtin":
 
@@ -183,7 +183,7 @@ def calibration_windows(cfg, model, tokenizer, progress=None) -> torch.Tensor:
         return generate_windows(model, tokenizer, cfg.num_samples, cfg.seq_len, cfg.seed, progress=progress)
     text = read_source_text(cfg)
     if not text.strip():
-        raise UserError(f"calibration source {describe_source(cfg)} is empty; give a file with text in it")
+        raise UserError(f"calibration source {describe_data(cfg)} is empty; give a file with text in it")
     ids = tokenize_text(tokenizer, text)
     return sample_windows(ids, cfg.num_samples, cfg.seq_len, cfg.seed)
 
@@ -204,6 +204,6 @@ def check_not_eval_text(block, key: str, role: str, evaluation) -> None:
         return
     digest = text_digest(block, key, role)
     if digest is not None and digest == text_digest(evaluation, "eval", "eval"):
-        raise UserError(f"{key} reads the evaluation text ({describe_source(evaluation)}): fitting weights on the "
+        raise UserError(f"{key} reads the evaluation text ({describe_data(evaluation)}): fitting weights on the "
                         f"test text makes the perplexity meaningless; use other text (e.g. {key}.name=wikitext2, "
                         f"its validation split)")

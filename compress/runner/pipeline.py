@@ -19,7 +19,7 @@ import torch
 
 import compress
 from calibration.data import calibration_windows, read_source_text, tokenize_text
-from calibration.data import describe_source as describe_text
+from calibration.data import describe_data as describe_data
 from compress.arch import get_adapter
 from compress.arch.moe import model_experts, routed_experts
 from compress.export.card import model_card
@@ -149,7 +149,7 @@ def load(state: RunState) -> None:
     state.report = {"compress_version": compress.__version__, "model": recipe.model.name,
                     "params_before": model_params(state.model),
                     "linear_before": decoder_linear_params(state.adapter)}
-    state.ppl = {"windows": recipe.eval.ppl, "seq_len": recipe.eval.seq_len, "text": describe_text(recipe.eval)}
+    state.ppl = {"windows": recipe.eval.ppl, "seq_len": recipe.eval.seq_len, "text": describe_data(recipe.eval)}
     if recipe.eval.ppl != "none":
         state.test_ids = tokenize_text(state.tokenizer, read_source_text(recipe.eval, "eval", "eval"))
 
@@ -183,7 +183,7 @@ def measure(state: RunState, label: str) -> None:
 def calibrate(state: RunState) -> None:
     """The calibration windows: restored from the work folder, or drawn (or generated) and saved there."""
     cal, work = state.recipe.calibration, state.work
-    state.log(f"calibration: {cal.num_samples} x {cal.seq_len} tokens from {describe_text(cal)}")
+    state.log(f"calibration: {cal.num_samples} x {cal.seq_len} tokens from {describe_data(cal)}")
     saved = work.load("calibration") if work is not None else None
     if saved is not None:
         state.windows = saved[0]["windows"]
