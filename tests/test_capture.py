@@ -56,7 +56,8 @@ def test_statistics_pass_stopped_early_sees_the_same_inputs():
     with input_stats(linears) as stopped:
         capture.forward(0, layer, advance=False, stop_at=adapter.down_proj(layer))
     for name in linears:
-        assert torch.equal(full[name].sum_sq, stopped[name].sum_sq) and full[name].count == stopped[name].count
+        assert torch.equal(full[name].shifted_sum_sq, stopped[name].shifted_sum_sq)
+        assert full[name].count == stopped[name].count
     assert all(torch.equal(a, b) for a, b in zip(before, capture.hidden))
     # the stop hook is gone: a full pass runs down_proj again
     calls = []

@@ -61,24 +61,27 @@ SHAPES: dict[str, tuple[str, list[dict], dict]] = {
     "flap+lora-unmerged": ("llama", [{"method": "flap", "sparsity": 0.3}, {**LORA, "merge": False}], {}),
     "moe-flap": ("mixtral", [{"method": "flap", "sparsity": 0.3}], {}),
     "moe-wanda": ("qwen3_moe", [{"method": "wanda", "sparsity": 0.5}], {}),
+    "sparsegpt-50": ("llama", [{"method": "sparsegpt", "sparsity": 0.5}], {}),
+    "sparsegpt-2:4": ("llama", [{"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"}], {}),
+    "moe-sparsegpt-2:4": ("qwen3_moe", [{"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"}], {}),
     "offload-flap": ("llama", [{"method": "flap", "sparsity": 0.3}], {"max_memory": FORCE_DISK}),
 }
 
 GOLDEN: dict[str, dict[str, str]] = {
     "flap": {
-        "model.safetensors": "620a1bcbe54699a2df32dd770be138cf725e61be9e51db77d89bb8d3413a0488",
+        "model.safetensors": "fab4c9f899002ccbd8a0f7300eaf43e97db886b349eff7623a9cfd746b2fc954",
         "report.json": "2edcce0ef4fd7e096b51e181a77f9363dfe6be25d736d3a64da5053fa74a09ff",
     },
     "flap-uniform": {
-        "model.safetensors": "0e11efc9b93960df2e42fbbfcce61ec6299f21870158c1f44327d629d0f20ed4",
-        "report.json": "2d93eb09cab3a6bdac883146beb58627df622148809b50150fce2b2afd5529a3",
+        "model.safetensors": "60653ded31ac9ce41a022db28aec4b18489b450cd68a21ac417d92fc456bdf7b",
+        "report.json": "e52d782ff35fd094f774e1eb1e5e38221ff8775aa5c3a5647efa8aaa57114878",
     },
     "wanda_sp": {
         "model.safetensors": "f1f854e5067730d0e5d3049c0ed35fae36f51dc0105eee2f063eab281d1f356f",
         "report.json": "cfd0008633a122e78d1dace1e8342cd1c7e841fe054eb470aaf961336c31f888",
     },
     "cfsp": {
-        "model.safetensors": "1ba0dc5dd2099ae62ae382b6e70d4f97f05a2f3d7c9a809a103a44736c32b136",
+        "model.safetensors": "ffe6b7051102a867fdc22f04aea6fd27dd04ddc931000eba4f3ba412d1815105",
         "report.json": "50d86294f539c37223c3e8e34d10ba080f6eed450dc14807e86edd1d52d0cc62",
     },
     "wanda-50": {
@@ -98,28 +101,40 @@ GOLDEN: dict[str, dict[str, str]] = {
         "report.json": "5c029ded77a0b1e347547146b5d09dbc46cba708c43430e695b29296f1f151f9",
     },
     "flap+wanda-2:4": {
-        "model.safetensors": "40982e059eeb71ab0f223bde117cdb0e700fca75a2acdb6ddccbc94034f74993",
-        "report.json": "beb1503c3cc442aded64cbad17498d585bf76796878753f0eafc9b590e41a5aa",
+        "model.safetensors": "bb4fc695bd2d333a2033a1d95ac993d53051de80ff5793121e2dbc0d56068b00",
+        "report.json": "15945254129915fad49656ae62d4ebc04573db00ecdef7348a775c2236de359b",
     },
     "flap+lora": {
-        "model.safetensors": "1d335a1edab18e292cdf78183ecb7a38f445ac824b2f8e8641db3c6113d12284",
+        "model.safetensors": "d6e3f76805547f6529662b8a3eba984fbfa8b19a7791d1cd04a07d9e7842e99e",
         "report.json": "afada4162c6e37efa40904206c817ed5887b75a7d03ddb91fed67b3099e10460",
     },
     "flap+lora-unmerged": {
-        "model.safetensors": "620a1bcbe54699a2df32dd770be138cf725e61be9e51db77d89bb8d3413a0488",
-        "adapter/adapter_model.safetensors": "4468c9414b8f83deef7090419f0465da017d6d3be27b9957369a048b2dfdf772",
+        "model.safetensors": "fab4c9f899002ccbd8a0f7300eaf43e97db886b349eff7623a9cfd746b2fc954",
+        "adapter/adapter_model.safetensors": "82ed5bafd850999a5c385d3270380042061794c6e1b1a37a457532d5ca284dd9",
         "report.json": "9716adb1f97074e78b468cfa8d2dfe10af0f6004c40b6388ac8b614a5af8fee8",
     },
     "moe-flap": {
-        "model.safetensors": "eb6f6b675560259c0cd369679025a842e757978b0d31ae95e067eff420022f72",
+        "model.safetensors": "a0c6bd5be30fb3d6d74d4001a380b91dea02f80b8dc2bcc34a311adf70893034",
         "report.json": "a3fe7dec68e9d946bbd03b38a9926892c8519d36db89e4f35e8e0d8436166d86",
     },
     "moe-wanda": {
         "model.safetensors": "f7b9482bd726f325c60a5361120eb4c41e1bf8ebbb401bed84cf0baed4387d87",
         "report.json": "88cf9e928cbf0c9d0003cc8be18f5d76ce858119f91d18f046842f55394382a7",
     },
+    "sparsegpt-50": {
+        "model.safetensors": "2de2ff1ddfb467ffb37ecba2559aeb28df4fab07bf055a5cc3327f66f6ec2dd8",
+        "report.json": "69448680a8e8994c18d23e8499d6261b0fcd02f542c36ac6fc28e8f30c203ba9",
+    },
+    "sparsegpt-2:4": {
+        "model.safetensors": "fb30254c85cc6d1b1ca58ffb1d7cb86683860c0ab61e8612a44e11a4c993ccd0",
+        "report.json": "26aa70cab4448b456b75a911b109f447d3e905486b5f5f78efcc412ee6c1eb03",
+    },
+    "moe-sparsegpt-2:4": {
+        "model.safetensors": "50a3e062ea48ff5a255a38485cfb357dd6fa01f3defa163a25cc59eef5f26ed5",
+        "report.json": "2442f5cd1505967df819d850543e597e71c5c2a0092e4078408a3b2870857ded",
+    },
     "offload-flap": {
-        "model.safetensors": "620a1bcbe54699a2df32dd770be138cf725e61be9e51db77d89bb8d3413a0488",
+        "model.safetensors": "fab4c9f899002ccbd8a0f7300eaf43e97db886b349eff7623a9cfd746b2fc954",
         "report.json": "c9758173337b28d448264b124308df95d686b83126eb63902b35c1888e636f34",
     },
 }

@@ -34,7 +34,7 @@ def test_sparsity_zero_is_the_identity(method):
 
 
 @pytest.mark.parametrize("model_type", TINY_ARCHITECTURES + TINY_MOE_ARCHITECTURES)
-@pytest.mark.parametrize("method", ["flap", "wanda"])
+@pytest.mark.parametrize("method", ["flap", "wanda", "sparsegpt"])
 def test_sparsity_zero_is_the_identity_on_every_architecture(method, model_type):
     """Audit R3: a structured and a weight-level method at sparsity 0 change nothing, dense and MoE."""
     from compress.arch.moe import model_experts, routed_experts

@@ -40,3 +40,30 @@ def test_nan_gradients_are_reported():
         adapter.down_proj(adapter.layers()[2]).weight[0, 0] = float("inf")
     with pytest.raises(NumericalError, match="NaN or Inf"):
         gradient_norms(adapter, torch.randint(0, 320, (2, 16)))
+
+
+def test_statistics_keep_the_variance_of_large_mean_channels():
+    """Audit R1: E[x^2] - mean^2 in float32 gave variance 0.0 (and a covariance with negative
+    eigenvalues) for channels at mean 300, std 0.05; shifted float64 moments keep every digit needed."""
+    from calibration.stats import ChannelStats
+
+    generator = torch.Generator().manual_seed(0)
+    stats = ChannelStats("demo", 4, second_moment_stride=1)
+    batches = [300.0 + 0.05 * torch.randn(2048, 4, generator=generator) for _ in range(32)]
+    for batch in batches:
+        stats.update(batch)
+    x = torch.cat(batches).double()
+    true_variance = x.var(0, unbiased=False)
+    assert torch.allclose(stats.variance.double(), true_variance, rtol=1e-4)
+    true_covariance = torch.cov(x.T, correction=0)
+    assert torch.allclose(stats.covariance(), true_covariance, rtol=1e-4, atol=1e-9)
+    assert torch.linalg.eigvalsh(stats.covariance()).min() > 0
+    true_moment = x.T @ x / x.shape[0]
+    assert torch.allclose(stats.second_moment(), true_moment, rtol=1e-9)
+    assert torch.allclose(stats.l2_norm.double(), x.pow(2).sum(0).sqrt(), rtol=1e-6)
+    plain = ChannelStats("demo", 4)  # no second moment: the sum of squares is accumulated on its own
+    for batch in batches:
+        plain.update(batch)
+    assert torch.allclose(plain.variance.double(), true_variance, rtol=1e-4)
+    assert torch.allclose(plain.l2_norm, stats.l2_norm, rtol=1e-6)
+    assert torch.allclose(plain.mean.double(), x.mean(0), rtol=1e-7)

@@ -27,7 +27,7 @@ def prune(model, method, **config):
     return cls(cls.Config(method=method, **config)).run(ctx)
 
 
-@pytest.mark.parametrize("method", ["wanda", "magnitude", "gblm"])
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "gblm", "sparsegpt"])
 def test_sparsity_zero_is_the_identity(method):
     model, reference = tiny_llama(), tiny_llama()
     prune(model, method, sparsity=0.0)
@@ -35,7 +35,7 @@ def test_sparsity_zero_is_the_identity(method):
         torch.testing.assert_close(model(WINDOWS[:2]).logits, reference(WINDOWS[:2]).logits)
 
 
-@pytest.mark.parametrize("method", ["wanda", "magnitude", "gblm"])
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "gblm", "sparsegpt"])
 def test_unstructured_half_zeroes_half_of_every_linear(method):
     model = tiny_llama()
     details = prune(model, method, sparsity=0.5)
@@ -45,7 +45,7 @@ def test_unstructured_half_zeroes_half_of_every_linear(method):
     assert len(details["zero_fraction_per_linear"]) == 3 * 7
 
 
-@pytest.mark.parametrize("method", ["wanda", "magnitude", "gblm"])
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "gblm", "sparsegpt"])
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 def test_nm_patterns_are_exact(method, pattern):
     model = tiny_llama()

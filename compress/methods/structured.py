@@ -171,8 +171,8 @@ class StructuredMethod(Method):
         path = Path(work_dir) / f"compensation-{index:04d}.safetensors"
         tensors = {}
         for kind, s in stats.items():
-            tensors[f"{kind}.mean"] = (s.sum / s.count).contiguous()
-            tensors[f"{kind}.covariance"] = s.covariance().float().contiguous()
+            tensors[f"{kind}.mean"] = (s.sum / s.count).cpu().contiguous()
+            tensors[f"{kind}.covariance"] = s.covariance().float().cpu().contiguous()
         save_atomic(path, tensors)
         return {kind: StoredLeastSquares(path, kind, damping) for kind in stats}
 

@@ -31,7 +31,8 @@ class WeightMethod(Method):
     single pass per layer (about half the time).
     Two verbs: `linear_scores` (every method) scores each weight, `decide` turns scores into a mask (the
     default keeps the best per row or N:M group; `mask_group` picks the comparison group of unstructured
-    masks). A method may `prepare` something first, e.g. gradients.
+    masks). A method may `prepare` something first, e.g. gradients, or replace the per-layer step
+    `prune_layer` altogether (SparseGPT updates the kept weights as it masks).
 
     `owl: true` (unstructured only) first runs the dense model once to measure each layer's
     outlier ratio (share of weights whose score exceeds `owl_threshold` x the layer's mean score)
@@ -56,11 +57,24 @@ class WeightMethod(Method):
     def prepare(self, ctx: StageContext) -> None:
         """Work done once before the layer loop (default: nothing)."""
 
-    def layer_statistics(self, ctx: StageContext, advance: bool, resume=None, after_layer=None):
+    def prune_layer(self, index: int, linears: dict[str, nn.Module], groups: list[list[str]],
+                    stats: dict[str, ChannelStats], sparsity: float) -> None:
+        """Mask the `linears` of layer `index` in place (default: `linear_scores`, then `decide`, per linear).
+
+        `groups` names the linears that read one input (the adapter's `input_groups`)."""
+        for name, linear in linears.items():
+            scores = self.linear_scores(index, name, linear, stats.get(name))
+            apply_mask(linear, self.decide(index, name, linear, scores, sparsity))
+
+    def second_moment_stride(self) -> int | None:
+        """Token stride of the input second moments `prune_layer` needs (default: none)."""
+        return None
+
+    def layer_statistics(self, ctx: StageContext, advance: bool, resume=None, after_layer=None, moments=True):
         """Yield (index, layer, stats per linear) for every layer; sequential when `advance` is False.
 
         `resume` = (depth, hidden states) continues from saved progress; `after_layer(index, capture)`
-        runs once a layer's outputs have replaced its inputs.
+        runs once a layer's outputs have replaced its inputs; `moments=False` skips the second moments.
         """
         adapter = ctx.adapter
         if not self.uses_activations:
@@ -75,7 +89,8 @@ class WeightMethod(Method):
         for index, layer in capture.layers():
             linears = adapter.decoder_linears(layer)
             groups = adapter.input_groups(layer)
-            with input_stats({group[0]: linears[group[0]] for group in groups},
+            stride = self.second_moment_stride() if moments else None
+            with input_stats({group[0]: linears[group[0]] for group in groups}, stride,
                              where=f"decoder layer {index}") as shared:
                 # a statistics-only pass stops once the last linear's input is seen
                 capture.forward(index, layer, advance=advance, stop_at=None if advance else linears[groups[-1][0]])
@@ -90,7 +105,7 @@ class WeightMethod(Method):
         """Per-layer sparsity from the dense model's outlier ratios (see the class doc)."""
         cfg = self.config
         ratios = []
-        for index, layer, stats in self.layer_statistics(ctx, advance=True):
+        for index, layer, stats in self.layer_statistics(ctx, advance=True, moments=False):
             scores = [self.linear_scores(index, name, linear, stats.get(name)).reshape(-1)
                       for name, linear in ctx.adapter.decoder_linears(layer).items()]
             flat = torch.cat(scores)
@@ -131,14 +146,12 @@ class WeightMethod(Method):
         for index, layer, stats in self.layer_statistics(ctx, advance=dense_inputs, resume=resume,
                                                          after_layer=save_progress):
             sparsity = cfg.sparsity if sparsities is None else sparsities[index]
-            for name, linear in adapter.decoder_linears(layer).items():
-                if name in stats and stats[name].count == 0:  # an expert the router never chose
-                    untouched.append(f"layers.{index}.{name}")
-                    zeros[f"layers.{index}.{name}"] = zero_fraction(linear.weight)
-                    continue
-                scores = self.linear_scores(index, name, linear, stats.get(name))
-                apply_mask(linear, self.decide(index, name, linear, scores, sparsity))
-                zeros[f"layers.{index}.{name}"] = zero_fraction(linear.weight)
+            linears = adapter.decoder_linears(layer)
+            idle = [name for name in linears if name in stats and stats[name].count == 0]
+            untouched += [f"layers.{index}.{name}" for name in idle]  # experts the router never chose
+            active = {n: lin for n, lin in linears.items() if n not in idle}
+            self.prune_layer(index, active, adapter.input_groups(layer), stats, sparsity)
+            zeros.update({f"layers.{index}.{name}": zero_fraction(lin.weight) for name, lin in linears.items()})
         details = {"pattern": cfg.pattern, "zero_fraction_per_linear": zeros}
         if untouched:
             details["untouched_no_calibration_tokens"] = untouched

@@ -11,7 +11,8 @@ Compensation of the output projections (o_proj, down_proj), whose input columns 
 * `LeastSquaresCompensation`: the removed inputs are replaced by their best linear prediction from
   the kept ones, x_P ~ A x_K + c with A = Cov[P,K] Cov[K,K]^-1 (ridge-damped) and
   c = mean[P] - A mean[K]; so `W_K += W_P A` and `bias += W_P c`. It contains the mean
-  compensation (A = 0) and minimises the output error over the calibration tokens.
+  compensation (A = 0) and minimises the output error over the calibration tokens; the solve is
+  the OBS engine's `compress.ops.obs.remove_inputs`.
 Both are computed in float64 before slicing.
 """
 
@@ -23,6 +24,7 @@ from torch import nn
 from compress.arch.base import Adapter, AttentionShape
 from compress.arch.moe import expert_linears, set_expert_weights
 from compress.model.memory import release_file_pages
+from compress.ops.obs import remove_inputs
 
 
 class MeanCompensation:
@@ -38,27 +40,22 @@ class LeastSquaresCompensation:
     covariance): for projections that cannot carry a bias, such as fused MoE experts."""
 
     def __init__(self, mean: torch.Tensor, covariance: torch.Tensor, damping: float = 0.01, intercept: bool = True):
-        self.mean = mean.double()
         self.covariance = covariance.double()
+        self.mean = mean.double().to(self.covariance.device)
         self.damping = damping
         self.intercept = intercept
 
-    def columns(self, linear: nn.Linear, kept: torch.Tensor) -> nn.Linear:
-        removed_mask = torch.ones(linear.in_features, dtype=torch.bool)
-        removed_mask[kept] = False
-        removed = removed_mask.nonzero().squeeze(1)
-        weight = linear.weight.detach().double().cpu()
+    def columns(self, linear: nn.Linear, kept: torch.Tensor, name: str = "an output projection") -> nn.Linear:
         moment = self.covariance if self.intercept else self.covariance + torch.outer(self.mean, self.mean)
-        cov_kk = moment[kept][:, kept]
-        cov_pk = moment[removed][:, kept]
-        ridge = self.damping * cov_kk.diagonal().mean().clamp_min(1e-12)
-        eye = torch.eye(len(kept), dtype=torch.float64)
-        predictor = torch.linalg.solve(cov_kk + ridge * eye, cov_pk.T).T  # [removed, kept]
-        new_weight = weight[:, kept] + weight[:, removed] @ predictor
+        new_weight, predictor = remove_inputs(linear.weight, moment, kept, self.damping, name)
         device, dtype = linear.weight.device, linear.weight.dtype
-        bias = linear.bias.detach().double().cpu() if linear.bias is not None else None
+        bias = linear.bias.detach().double().to(moment.device) if linear.bias is not None else None
         if self.intercept:
-            shift = weight[:, removed] @ (self.mean[removed] - predictor @ self.mean[kept])
+            removed_mask = torch.ones(linear.in_features, dtype=torch.bool, device=moment.device)
+            removed_mask[kept] = False
+            mean = self.mean
+            removed = linear.weight.detach().double().to(moment.device)[:, removed_mask]
+            shift = removed @ (mean[removed_mask] - predictor @ mean[kept])
             bias = bias + shift if bias is not None else shift
         return _new_linear(new_weight.to(device=device, dtype=dtype),
                            bias.to(device=device, dtype=dtype) if bias is not None else None)

@@ -1,0 +1,73 @@
+"""SparseGPT: one-shot pruning with second-order weight updates (Frantar & Alistarh, ICML 2023, arXiv 2301.00774).
+
+Per decoder linear, the input second moment H = E[x x^T] (the layer-wise Hessian up to a factor) comes
+from the layer-by-layer capture, one H per distinct input (q/k/v share one, gate/up share one, each
+expert its own, from the tokens routed to it), accumulated as shifted float64 moments. The weights
+are then pruned column by column with the optimal-brain-surgeon update of the columns not yet
+visited (`compress.ops.obs.prune_columns`): the mask of every `block_size` columns is chosen from
+w^2 / [H^-1]_jj (unstructured: the lowest `sparsity` of the block, each linear on its own; N:M: the
+M - N lowest of every M inputs of each row), lazily batched updates, `dampening` x mean(diag H) on
+the diagonal. Linears that read one input are pruned as one stacked matrix (one Cholesky, one pass).
+
+Layers are pruned in order, each calibrated on the already-pruned earlier layers (`inputs:
+sequential`, the paper's choice) or on the dense model (`inputs: dense`, one pass per layer). `owl:
+true` gives each layer its own sparsity from Wanda-score outlier ratios (the OWL paper's choice for
+SparseGPT too).
+
+    - method: sparsegpt
+      sparsity: 0.5
+      pattern: unstructured      # or "2:4", "4:8" (sparsity must then be 1 - N/M)
+      block_size: 128
+      dampening: 0.01
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from compress.methods.registry import register
+from compress.methods.weight import WeightMethod
+from compress.methods.weight_config import WeightStageConfig
+from compress.ops.masks import parse_pattern
+from compress.ops.obs import prune_columns
+
+
+class SparseGptConfig(WeightStageConfig):
+    method: Literal["sparsegpt"] = "sparsegpt"
+    block_size: int = Field(128, ge=1, description="columns per block of the OBS sweep (lazy batch updates)")
+    dampening: float = Field(0.01, gt=0.0, description="added to the Hessian's diagonal, x its mean")
+    token_stride: int = Field(1, ge=1, description="accumulate the Hessian over every k-th calibration token "
+                                                   "(1 = all; larger is faster, noisier)")
+
+
+@register
+class SparseGpt(WeightMethod):
+    name = "sparsegpt"
+    Config = SparseGptConfig
+
+    def second_moment_stride(self) -> int | None:
+        return self.config.token_stride
+
+    def linear_scores(self, index, name, linear, stats):
+        """Wanda's |W| x ||X||: only OWL's outlier ratios read it."""
+        return linear.weight.detach().float().abs() * stats.l2_norm.to(linear.weight.device)[None, :]
+
+    @torch.no_grad()
+    def prune_layer(self, index, linears, groups, stats, sparsity):
+        cfg = self.config
+        nm = parse_pattern(cfg.pattern)
+        for group in groups:
+            members = [name for name in group if name in linears]
+            if not members:
+                continue
+            weights = [linears[name].weight for name in members]
+            shared = f" (+{len(members) - 1} sharing its input)" if len(members) > 1 else ""
+            label = f"layers.{index}.{members[0]}{shared}"
+            new, _keep = prune_columns(torch.cat([w.detach() for w in weights]), stats[members[0]].second_moment(),
+                                       sparsity, nm, cfg.block_size, cfg.dampening, [w.shape[0] for w in weights],
+                                       name=label)
+            for weight, part in zip(weights, new.split([w.shape[0] for w in weights])):
+                weight.copy_(part.to(device=weight.device, dtype=weight.dtype))

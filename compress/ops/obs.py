@@ -1,0 +1,157 @@
+"""Optimal brain surgeon (OBS) on a linear's input Hessian: the one engine of every method that compensates.
+
+A linear y = W x with calibration inputs x has the layer-wise reconstruction error
+||(W' - W) X||^2 = tr((W' - W) H (W' - W)^T) with H = E[x x^T] (the Hessian up to a factor 2N).
+Two operations solve it exactly, in float64 where it matters:
+
+* `remove_inputs`: drop a set R of input columns (structured pruning of channels or heads) and re-fit the
+  kept columns K by least squares, W_K' = W_K + W_R H_RK H_KK^-1. This is OBS removing all of R at
+  once (-W_R [H^-1]_RR^-1 [H^-1]_R,: equals the same update), and it is FLAP's least-squares
+  compensation when H is the covariance and the intercept goes to the bias.
+* `prune_columns` (SparseGPT, Frantar & Alistarh, ICML 2023, arXiv 2301.00774): zero single weights
+  column by column; each zeroed weight's error is spread over the columns not yet visited by the OBS
+  update with the upper Cholesky factor U of H^-1 (row i of U is H^-1 of the remaining columns,
+  divided by the square root of its pivot). Columns go in blocks with lazy batch updates; the mask is
+  chosen inside each block from w^2 / U_ii^2 (unstructured: the lowest `sparsity` of the block, per row
+  segment; N:M: the M - N lowest of every M inputs of each row).
+
+Dampening: `dampening` x mean(diag H) is added to the diagonal (inputs that never fire get H_jj = 1
+and their weights zeroed, as nothing in the calibration constrains them). If H is still not positive
+definite, the dampening is raised tenfold up to three times, then a `NumericalError` names the layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compress.errors import NumericalError
+
+RETRIES = 3
+
+
+def damped(hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 copy of H with dead inputs (H_jj = 0) set to 1 and `dampening` x mean(diag) added; the dead mask."""
+    h = hessian.detach().to(torch.float64, copy=True)
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(dampening * h.diagonal().mean())
+    return h, dead
+
+
+def _cholesky(h: torch.Tensor, dampening: float, name: str, upper: bool = False) -> torch.Tensor:
+    base = h.diagonal().mean()
+    extra = dampening
+    for attempt in range(RETRIES + 1):
+        factor, info = torch.linalg.cholesky_ex(h, upper=upper)
+        if int(info) == 0:
+            return factor
+        if attempt < RETRIES:
+            h = h.clone()
+            h.diagonal().add_(9 * extra * base)  # dampening x 10, then x 100, x 1000
+            extra *= 10
+    raise NumericalError(f"the input Hessian of {name} is not positive definite even with dampening {extra:g} x "
+                         f"its mean diagonal (inputs nearly collinear or too few calibration tokens); "
+                         f"use more calibration samples or a larger dampening")
+
+
+def inverse_cholesky(hessian: torch.Tensor, dampening: float = 0.01, name: str = "a linear"):
+    """Upper Cholesky factor U of (damped H)^-1 (U^T U = H^-1), float64, and the dead-input mask.
+
+    At most two float64 copies of H are alive at once (for a 28,672-wide input: 2 x 6.6 GB)."""
+    h, dead = damped(hessian, dampening)
+    lower = _cholesky(h, dampening, name)
+    del h
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    return _cholesky(inverse, dampening, name, upper=True), dead
+
+
+def remove_inputs(weight: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor, dampening: float = 0.01,
+                  name: str = "a linear") -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squares optimum of the kept columns after the others are removed (float64).
+
+    Returns (W_K' [out, kept], predictor A [removed, kept]) with W_K' = W_K + W_R A and
+    A = H_RK (H_KK + lambda I)^-1, lambda = `dampening` x mean(diag H_KK): removed inputs are replaced by
+    their best linear prediction from the kept ones.
+    """
+    h = hessian.detach().double()
+    keep_mask = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
+    keep_mask[kept.to(h.device)] = True
+    removed = (~keep_mask).nonzero().squeeze(1)
+    kept = kept.to(h.device)
+    h_kk = h[kept][:, kept]
+    ridge = dampening * h_kk.diagonal().mean().clamp_min(1e-12)
+    h_kk = h_kk + ridge * torch.eye(len(kept), dtype=torch.float64, device=h.device)
+    lower = _cholesky(h_kk, dampening, name)
+    predictor = torch.cholesky_solve(h[kept][:, removed], lower).T  # [removed, kept]
+    w = weight.detach().to(device=h.device, dtype=torch.float64)
+    return w[:, kept] + w[:, removed] @ predictor, predictor
+
+
+def _block_mask(scores: torch.Tensor, sparsity: float, segments: list[int]) -> torch.Tensor:
+    """Prune-mask (True = zero) of the lowest `sparsity` of each row segment of a column block."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    start = 0
+    for rows in segments:
+        part = scores[start:start + rows]
+        count = int(part.numel() * sparsity)
+        if count:
+            flat = torch.zeros(part.numel(), dtype=torch.bool, device=scores.device)
+            flat[torch.topk(part.reshape(-1), count, largest=False).indices] = True
+            mask[start:start + rows] = flat.reshape(part.shape)
+        start += rows
+    return mask
+
+
+@torch.no_grad()
+def prune_columns(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
+                  block_size: int = 128, dampening: float = 0.01, segments: list[int] | None = None,
+                  name: str = "a linear") -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT on one weight matrix (or several stacked row-wise that read the same input).
+
+    `segments` = row counts of the stacked matrices: an unstructured block's mask is chosen within
+    each, as if pruned alone. Returns (new weight float32 [rows, cols], keep-mask). Sparsity 0 and no
+    pattern returns the weight unchanged.
+    """
+    rows, cols = weight.shape
+    segments = segments or [rows]
+    if sparsity == 0 and nm is None:
+        return weight.detach().float().clone(), torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
+    if nm is not None and cols % nm[1]:
+        raise NumericalError(f"{name}: N:M needs M ({nm[1]}) to divide the input width {cols}")
+    device = hessian.device
+    upper, dead = inverse_cholesky(hessian, dampening, name)
+    u = upper.float()
+    w = weight.detach().to(device=device, dtype=torch.float32, copy=True)
+    w[:, dead] = 0
+    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        block = w[:, start:end].clone()
+        u_block = u[start:end, start:end]
+        pivots = u_block.diagonal()
+        errors = torch.zeros_like(block)
+        if nm is None:
+            block_pruned = _block_mask(block.pow(2) / pivots.pow(2), sparsity, segments)
+        else:
+            block_pruned = torch.zeros_like(block, dtype=torch.bool)
+        n, m = nm if nm is not None else (0, 0)
+        for i in range(end - start):
+            if nm is not None and i % m == 0:
+                group = block[:, i:i + m].pow(2) / pivots[i:i + m].pow(2)
+                block_pruned[:, i:i + m].scatter_(1, torch.topk(group, m - n, dim=1, largest=False).indices, True)
+            column = block[:, i]
+            kept = torch.where(block_pruned[:, i], torch.zeros_like(column), column)
+            error = (column - kept) / pivots[i]
+            block[:, i:].sub_(error[:, None] * u_block[i, i:][None, :])
+            block[:, i] = kept  # exactly zero where pruned
+            errors[:, i] = error
+        w[:, start:end] = block
+        pruned[:, start:end] = block_pruned
+        if end < cols:
+            w[:, end:].sub_(errors @ u[start:end, end:])
+    keep = ~pruned
+    w[pruned] = 0
+    if not torch.isfinite(w).all():
+        raise NumericalError(f"SparseGPT's update of {name} produced NaN or Inf; raise the dampening")
+    return w, keep
