@@ -91,8 +91,6 @@ CASES = [
          "set data.source=jsonl or hf"),
     Case("GBLM on an offloaded model", ["stages=[{method: gblm}]", "model.max_memory={cpu: 1GiB}"],
          "drop model.max_memory/model.device_map"),
-    Case("half precision offloaded with the reload check", ["dtype=bfloat16", "model.max_memory={cpu: 1GiB}"],
-         "use dtype=float32, or export.verify=false"),
     # output
     Case("no output folder", ["output="], "no output folder"),
     Case("output folder not empty", ["output={NONEMPTY}"], "is not empty"),

@@ -86,23 +86,23 @@ GOLDEN: dict[str, dict[str, str]] = {
     },
     "wanda-50": {
         "model.safetensors": "0b6f0a0a427172b9689c6fe3414541b0749c5bd5efcfc8c30c8ac117cfa564bf",
-        "report.json": "0dbc5456bcd75ad5d0b38e5406691418bed4e48337bcb1c660177dede13fd9bb",
+        "report.json": "2bd21a78bbf466b98ab852feaa3d00c168289890d1a74159ca2bac068977e1c8",
     },
     "wanda-2:4": {
         "model.safetensors": "e05a9b126d01d554b32dae9ecb9dc7f3b9fa964ecb57652f9a45a3287dc30801",
-        "report.json": "ecd7c535f8920a69e7fe9de32f3649e64c69734428d6c408759d37c4a86fdfd3",
+        "report.json": "b9b79c0addfa04f5bec2b9458d0d457b6b1022742120f4324023c28a82091c72",
     },
     "magnitude-2:4": {
         "model.safetensors": "86af6c29ce35c9fdbc329463c6a27e8773774933139f7d012cecbb5e54092298",
-        "report.json": "32e16c9fe99cdf0523e4c511810f9dbcc7d143bf095ab17273da8da997252741",
+        "report.json": "d56e5416d638946da1252588290ff002ef3a77bd1178d09adb78dff2dbaeb393",
     },
     "gblm-2:4": {
         "model.safetensors": "db25bbbe16d260beb8629b6e9b356f662472ab763605511b802d7720b8520c4f",
-        "report.json": "5c029ded77a0b1e347547146b5d09dbc46cba708c43430e695b29296f1f151f9",
+        "report.json": "ccdd5863a287e40d03fff2a3715d11431494b0152c607c5843e7e1d8fafd6d52",
     },
     "flap+wanda-2:4": {
         "model.safetensors": "bb4fc695bd2d333a2033a1d95ac993d53051de80ff5793121e2dbc0d56068b00",
-        "report.json": "15945254129915fad49656ae62d4ebc04573db00ecdef7348a775c2236de359b",
+        "report.json": "a9db9a0a588206a286de5a16181b3c0cfbb5a0b70c70e1e3944210483af2938d",
     },
     "flap+lora": {
         "model.safetensors": "d6e3f76805547f6529662b8a3eba984fbfa8b19a7791d1cd04a07d9e7842e99e",
@@ -119,19 +119,19 @@ GOLDEN: dict[str, dict[str, str]] = {
     },
     "moe-wanda": {
         "model.safetensors": "f7b9482bd726f325c60a5361120eb4c41e1bf8ebbb401bed84cf0baed4387d87",
-        "report.json": "88cf9e928cbf0c9d0003cc8be18f5d76ce858119f91d18f046842f55394382a7",
+        "report.json": "4401c88181728e19eba7a30a7723e7398b537a0cb71b67a105797372799b1497",
     },
     "sparsegpt-50": {
         "model.safetensors": "2de2ff1ddfb467ffb37ecba2559aeb28df4fab07bf055a5cc3327f66f6ec2dd8",
-        "report.json": "69448680a8e8994c18d23e8499d6261b0fcd02f542c36ac6fc28e8f30c203ba9",
+        "report.json": "b7d8e84c69a75ce9221e03e35e668fb9f4735035ea9b63c910ea2e9f53572eb2",
     },
     "sparsegpt-2:4": {
         "model.safetensors": "fb30254c85cc6d1b1ca58ffb1d7cb86683860c0ab61e8612a44e11a4c993ccd0",
-        "report.json": "26aa70cab4448b456b75a911b109f447d3e905486b5f5f78efcc412ee6c1eb03",
+        "report.json": "6d39a1f6b02236cf9846108f1213a869f3de00d3d7fd0a254a48bfebfa808956",
     },
     "moe-sparsegpt-2:4": {
         "model.safetensors": "50a3e062ea48ff5a255a38485cfb357dd6fa01f3defa163a25cc59eef5f26ed5",
-        "report.json": "2442f5cd1505967df819d850543e597e71c5c2a0092e4078408a3b2870857ded",
+        "report.json": "120caae8009c4ef16e3c92ea7eb584df5e939bac05547f47a47fc994ec053aaa",
     },
     "offload-flap": {
         "model.safetensors": "fab4c9f899002ccbd8a0f7300eaf43e97db886b349eff7623a9cfd746b2fc954",

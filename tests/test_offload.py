@@ -65,3 +65,22 @@ def test_recovery_refuses_a_model_on_disk(tiny_recipe, tmp_path, text_files):
                "data": {"path": str(text_files["calibration"])}}]
     with pytest.raises(UserError, match="needs every layer in memory"):
         run(tiny_recipe, tmp_path, "lora", stages, offload=True)
+
+
+def test_half_precision_offloaded_export_checks_the_reload_in_its_own_dtype(tiny_recipe, tmp_path, monkeypatch):
+    """Audit R9/D5: the reload check of a bfloat16 model no longer needs a float32 copy of it (it used to call
+    model.float(), and preflight refused offloaded half-precision recipes); it compares in bfloat16."""
+    import transformers
+
+    casts = []
+    monkeypatch.setattr(transformers.PreTrainedModel, "float", lambda self, *a: casts.append(1) or self)
+    recipe = {**tiny_recipe, "stages": [{"method": "flap", "sparsity": 0.3}],
+              "export": {"output": str(tmp_path / "bf16")},
+              "model": {**tiny_recipe["model"], "dtype": "bfloat16", "max_memory": FORCE_DISK,
+                        "offload_folder": str(tmp_path / "offload")}}
+    report = pipeline.run(load_recipe(recipe), progress=False, log=lambda _: None)
+    assert not casts
+    weights = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert report["export"]["reload_max_abs_logit_diff"] is not None
+    assert report["export"]["reload_max_abs_logit_diff"] < 0.66

@@ -159,3 +159,31 @@ def test_dense_inputs_take_every_statistic_from_the_dense_model():
     prune(sequential, "wanda", sparsity=0.5)
     assert not torch.equal(get_adapter(sequential).down_proj(get_adapter(sequential).layers()[2]).weight,
                            pruned.down_proj(pruned.layers()[2]).weight)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
+def test_within_layer_measures_later_levels_on_the_pruned_layer(model_type):
+    """q/k/v see the same inputs either way; o, the MLP and down then see the pruned q/k/v's effects."""
+    from compress.arch.moe import model_experts, routed_experts
+    from tests.conftest import tiny_model
+
+    default, within = tiny_model(model_type), tiny_model(model_type)
+    prune(default, "sparsegpt", sparsity=0.5, pattern="2:4")
+    prune(within, "sparsegpt", sparsity=0.5, pattern="2:4", within_layer=True)
+    adapter_d, adapter_w = get_adapter(default), get_adapter(within)
+    first_d = adapter_d.decoder_linears(adapter_d.layers()[0])
+    first_w = adapter_w.decoder_linears(adapter_w.layers()[0])
+    for name in first_d:
+        qkv = name.split(".")[-1] in (adapter_d.q_name, adapter_d.k_name, adapter_d.v_name)
+        assert torch.equal(first_d[name].weight, first_w[name].weight) == qkv, name
+        assert follows_nm(first_w[name].weight, 2, 4)
+    with routed_experts(model_experts(adapter_w)), torch.no_grad():
+        assert torch.isfinite(within(WINDOWS[:2]).logits).all()
+
+
+def test_within_layer_and_dense_inputs_are_refused_together():
+    from compress.errors import UserError
+    from compress.recipe import load_recipe
+
+    with pytest.raises(UserError, match="within_layer"):
+        load_recipe({"stages": [{"method": "sparsegpt", "inputs": "dense", "within_layer": True}]})

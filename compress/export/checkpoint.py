@@ -197,22 +197,26 @@ VERIFY_IDS = torch.randint(0, 1 << 30, (2, 64), generator=torch.Generator().manu
 
 
 @torch.no_grad()
+def model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
 def reference_logits(model) -> torch.Tensor:
-    """Float32 logits of `model` on a fixed random batch (the reload check's reference)."""
+    """Logits of `model` in its own dtype (returned as float32) on a fixed random batch: the reload check's
+    reference. Nothing is cast, so a half-precision model never needs a float32 copy (audit R9)."""
     ids = VERIFY_IDS % model.config.vocab_size
-    dtype = next(model.parameters()).dtype
-    offloaded = hasattr(model, "hf_device_map")  # accelerate-dispatched: cannot be cast or moved
-    if offloaded and dtype != torch.float32:
-        raise UserError("the reload check of a model loaded with device_map/max_memory runs in its own dtype: "
-                        "use dtype=float32 or export.verify=false")
     model.eval()
-    if not offloaded:
-        model.float()
-    try:
+    with torch.no_grad():
         return model(input_ids=ids.to(model_device(model)), use_cache=False).logits.float().cpu()
-    finally:
-        if not offloaded:
-            model.to(dtype)
+
+
+def check_tolerance(tolerance: float, dtype: torch.dtype) -> float:
+    """`tolerance` is for float32; a half-precision check allows the same number of ulps x 0.1 (bfloat16: 0.66,
+    float16: 0.08): the reload runs the same weights in the same dtype, and a wrong weight or shape moves
+    logits by far more."""
+    if dtype == torch.float32 or not dtype.is_floating_point:
+        return tolerance
+    return tolerance * 0.1 * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
 
 
 def max_logit_difference(expected: torch.Tensor, reloaded) -> float:
@@ -283,7 +287,9 @@ def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwr
     shutil.rmtree(staging, ignore_errors=True)
     layout = layer_layout(adapter)
     stock = _stock_config_possible(adapter, layout)
+    dtype = model_dtype(model)
     expected = reference_logits(model) if verify else None
+    tolerance = check_tolerance(tolerance, dtype)
     try:
         if stock:
             _write_uniform(model, adapter, layout, staging, max_shard_size)
@@ -297,13 +303,14 @@ def write_checkpoint(model, tokenizer, adapter: Adapter, output: Path, *, overwr
         if release_model and not hasattr(model, "hf_device_map"):  # offloaded models hold little memory
             model.to("meta")
         if verify:
-            reloaded = load_pruned(staging, dtype=torch.float32, **(placement or {}))
+            reloaded = load_pruned(staging, dtype=dtype, **(placement or {}))
             difference = max_logit_difference(expected, reloaded)
             check_nm_patterns(reloaded, nm_patterns, nm_exempt)
             del reloaded
             if not difference < tolerance:
                 raise RuntimeError(f"reloaded checkpoint differs from the pruned model: max |logit difference| "
-                                   f"{difference:.3g} >= {tolerance:g}; nothing was written")
+                                   f"{difference:.3g} >= {tolerance:g} ({str(dtype).removeprefix('torch.')}); "
+                                   f"nothing was written")
         facts = {"format": "stock" if stock else "per_layer", "reload_max_abs_logit_diff": difference,
                  "trust_remote_code_needed": not stock}
         if verify and nm_patterns:

@@ -71,7 +71,8 @@ class WeightMethod(Method):
         return None
 
     def layer_statistics(self, ctx: StageContext, advance: bool, resume=None, after_layer=None, moments=True):
-        """Yield (index, layer, stats per linear) for every layer; sequential when `advance` is False.
+        """Yield (index, layer, stats per linear) for every layer; sequential when `advance` is False, and
+        once per level of `input_levels` (each a subset of the linears) with `within_layer`.
 
         `resume` = (depth, hidden states) continues from saved progress; `after_layer(index, capture)`
         runs once a layer's outputs have replaced its inputs; `moments=False` skips the second moments.
@@ -83,19 +84,21 @@ class WeightMethod(Method):
                     with adapter.onloaded(index):
                         yield index, layer, {}
             return
-        capture = ctx.new_capture(1 if advance else 2)
+        within = getattr(self.config, "within_layer", False) and not advance
+        capture = ctx.new_capture(1 if advance else (5 if within else 2))
         if resume is not None:
             capture.resume(*resume)
         for index, layer in capture.layers():
             linears = adapter.decoder_linears(layer)
             groups = adapter.input_groups(layer)
             stride = self.second_moment_stride() if moments else None
-            with input_stats({group[0]: linears[group[0]] for group in groups}, stride,
-                             where=f"decoder layer {index}") as shared:
-                # a statistics-only pass stops once the last linear's input is seen
-                capture.forward(index, layer, advance=advance, stop_at=None if advance else linears[groups[-1][0]])
-            stats = {name: shared[group[0]] for group in groups for name in group}
-            yield index, layer, stats
+            # within the layer: one statistics pass per level, each after the levels before it were pruned
+            for level in (input_levels(adapter, groups) if within else [groups]):
+                with input_stats({group[0]: linears[group[0]] for group in level}, stride,
+                                 where=f"decoder layer {index}") as shared:
+                    # a statistics-only pass stops once the level's last input is seen
+                    capture.forward(index, layer, advance=advance, stop_at=None if advance else linears[level[-1][0]])
+                yield index, layer, {name: shared[group[0]] for group in level for name in group}
             if not advance:
                 capture.forward(index, layer, advance=True)  # outputs of the pruned layer feed the next
             if after_layer is not None:
@@ -149,7 +152,7 @@ class WeightMethod(Method):
             linears = adapter.decoder_linears(layer)
             idle = [name for name in linears if name in stats and stats[name].count == 0]
             untouched += [f"layers.{index}.{name}" for name in idle]  # experts the router never chose
-            active = {n: lin for n, lin in linears.items() if n not in idle}
+            active = {n: lin for n, lin in linears.items() if n not in idle and (n in stats or not stats)}
             self.prune_layer(index, active, adapter.input_groups(layer), stats, sparsity)
             zeros.update({f"layers.{index}.{name}": zero_fraction(lin.weight) for name, lin in linears.items()})
         details = {"pattern": cfg.pattern, "zero_fraction_per_linear": zeros}
@@ -159,6 +162,15 @@ class WeightMethod(Method):
         if sparsities is not None:
             details["layer_sparsity"] = sparsities
         return details
+
+
+def input_levels(adapter, groups: list[list[str]]) -> list[list[list[str]]]:
+    """The input groups of a layer by depth: q/k/v, o, the MLP's inputs (gate/up of the MLP or of every
+    expert), the down projections. A level's statistics can only be taken once the levels before it are pruned."""
+    down = adapter.down_name
+    mlp_in = [group for group in groups[2:] if not group[0].endswith(down)]
+    mlp_out = [group for group in groups[2:] if group[0].endswith(down)]
+    return [level for level in ([groups[0]], [groups[1]], mlp_in, mlp_out) if level]
 
 
 def owl_allocation(outlier_ratios: list[float], sparsity: float, spread: float) -> list[float]:

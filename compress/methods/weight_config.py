@@ -15,6 +15,9 @@ class WeightStageConfig(StageConfig):
     inputs: Literal["sequential", "dense"] = Field(
         "sequential", description="statistics from the already-pruned earlier layers (two passes per layer) "
                                   "or from the dense model (one pass per layer, faster)")
+    within_layer: bool = Field(
+        False, description="inputs: sequential only: prune q/k/v, o, the MLP inputs and down in turn, each "
+                           "measured on the layer with the earlier ones already pruned (one more pass per level)")
     owl: bool = Field(False, description="non-uniform layer sparsity from outlier ratios (OWL), unstructured only")
     owl_lambda: float = Field(0.08, gt=0.0, lt=0.5, description="OWL: layer sparsities stay within target +- lambda")
     owl_threshold: float = Field(5.0, gt=1.0, description="OWL: outlier = score above this multiple of the layer mean")
@@ -31,6 +34,9 @@ class WeightStageConfig(StageConfig):
             if abs(self.sparsity - implied) > 1e-9:
                 raise ValueError(f"pattern {n}:{m} keeps {n} of every {m} weights, i.e. sparsity {implied:g}; "
                                  f"set sparsity={implied:g}")
+        if self.within_layer and self.inputs == "dense":
+            raise ValueError("within_layer=true measures each level on the pruned layer, inputs=dense on the dense "
+                             "model: choose one")
         if self.owl and nm is not None:
             raise ValueError(f"owl=true sets a different sparsity per layer, which pattern {self.pattern} fixes at "
                              f"{1 - nm[0] / nm[1]:g}; use pattern=unstructured with owl")
