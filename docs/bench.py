@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 OUT = Path(os.environ.get("BENCH_DIR", "/tmp/compress-bench"))
@@ -86,16 +87,25 @@ ROWS = {
 }
 
 
+def timed(command: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run under `/usr/bin/time -v`: (the finished process, wall seconds, peak RSS MiB of the whole process)."""
+    start = time.perf_counter()
+    result = subprocess.run(["/usr/bin/time", "-v", *map(str, command)], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
+    return result, seconds, int(found.group(1)) / 1024 if found else float("nan")
+
+
 def run_row(name: str) -> str:
     output = OUT / name
     if str(MOE_MODEL) in ROWS[name] and not MOE_MODEL.exists():
         subprocess.run([sys.executable, str(Path(__file__).parent / "upcycle_moe.py"), str(MOE_MODEL)], check=True)
     common = COMMON if " model=" not in f" {ROWS[name]}" else COMMON.replace("model=smollm2-135m ", "")
     command = f"compress run {ROWS[name]} {common} output={output}"
-    result = subprocess.run(["/usr/bin/time", "-v", *shlex.split(command)], capture_output=True, text=True)
+    result, _seconds, rss_mib = timed(shlex.split(command))
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stderr[-2000:]}")
-    rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    rss_kib = rss_mib * 1024
     report = json.loads((output / "report.json").read_text())
     ppl, speed = report["ppl"], report["speed"]
     if "pruned" not in ppl:  # no evaluation: memory and identity of the weights

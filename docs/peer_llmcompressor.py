@@ -61,7 +61,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -69,6 +68,7 @@ import sys
 import time
 from pathlib import Path
 
+import bench  # docs/bench.py, beside this script: its `timed`
 import torch
 
 OUT = Path(os.environ.get("PEER_DIR", "/tmp/compress-peer"))
@@ -217,14 +217,12 @@ class Protocol:
 
 
 def timed(command: list[str], log: Path) -> tuple[float, float]:
-    """Run under `/usr/bin/time -v`; (wall seconds, peak RSS MiB). The output goes to `log`."""
-    start = time.perf_counter()
-    result = subprocess.run(["/usr/bin/time", "-v", *map(str, command)], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    """`bench.timed`, with the output in `log`: (wall seconds, peak RSS MiB)."""
+    result, seconds, rss_mib = bench.timed(command)
     log.write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         raise SystemExit(f"{shlex.join(map(str, command))} failed (log {log}):\n{result.stderr[-3000:]}")
-    return seconds, int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1)) / 1024
+    return seconds, rss_mib
 
 
 def shown(command: list) -> str:

@@ -25,10 +25,10 @@ def output_error(x, weight, new):
 def test_remove_inputs_is_the_least_squares_optimum(seed):
     weight, x, hessian = problem(seed=seed)
     kept = torch.randperm(16, generator=torch.Generator().manual_seed(seed))[:9].sort().values
-    new, predictor = remove_inputs(weight, hessian, kept, dampening=0.0)
+    new, shift = remove_inputs(weight, hessian, kept, dampening=0.0)
     brute = torch.linalg.lstsq(x[:, kept], x @ weight.T).solution.T  # min ||X W^T - X_K W_K^T||
     torch.testing.assert_close(new, brute, rtol=1e-7, atol=1e-8)
-    assert predictor.shape == (16 - 9, 9)
+    assert shift is None
 
 
 def sequential_reference(weight, hessian, keep):
@@ -96,3 +96,15 @@ def test_dead_inputs_are_zeroed_and_a_hessian_beyond_repair_names_the_layer():
     assert bool((new[:, 3] == 0).all()) and torch.isfinite(new).all()
     with pytest.raises(NumericalError, match="layers.7.mlp.down_proj"):
         prune_columns(weight, -torch.eye(8, dtype=torch.float64), 0.5, name="layers.7.mlp.down_proj")
+
+
+def test_remove_inputs_with_the_mean_gives_the_intercept_a_bias_absorbs():
+    """On the covariance and the mean: the least-squares optimum with an intercept (FLAP's compensation)."""
+    weight, x, _ = problem(seed=5)
+    kept = torch.arange(0, 16, 2)
+    covariance = torch.cov(x.T, correction=0)
+    new, shift = remove_inputs(weight, covariance, kept, dampening=0.0, mean=x.mean(0))
+    design = torch.cat([x[:, kept], torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    brute = torch.linalg.lstsq(design, x @ weight.T).solution.T  # [W_K' | bias]
+    torch.testing.assert_close(new, brute[:, :-1], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(shift, brute[:, -1], rtol=1e-6, atol=1e-7)

@@ -196,7 +196,6 @@ def drop_tied_copies(model, folder: Path) -> None:
 VERIFY_IDS = torch.randint(0, 1 << 30, (2, 64), generator=torch.Generator().manual_seed(1234))
 
 
-@torch.no_grad()
 def model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 

@@ -154,7 +154,7 @@ class WeightMethod(Method):
             untouched += [f"layers.{index}.{name}" for name in idle]  # experts the router never chose
             active = {n: lin for n, lin in linears.items() if n not in idle and (n in stats or not stats)}
             self.prune_layer(index, active, adapter.input_groups(layer), stats, sparsity)
-            zeros.update({f"layers.{index}.{name}": zero_fraction(lin.weight) for name, lin in linears.items()})
+            zeros.update({f"layers.{index}.{name}": zero_fraction(linears[name].weight) for name in [*active, *idle]})
         details = {"pattern": cfg.pattern, "zero_fraction_per_linear": zeros}
         if untouched:
             details["untouched_no_calibration_tokens"] = untouched

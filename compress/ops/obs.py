@@ -67,25 +67,30 @@ def inverse_cholesky(hessian: torch.Tensor, dampening: float = 0.01, name: str =
 
 
 def remove_inputs(weight: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor, dampening: float = 0.01,
-                  name: str = "a linear") -> tuple[torch.Tensor, torch.Tensor]:
+                  name: str = "a linear", mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The least-squares optimum of the kept columns after the others are removed (float64).
 
-    Returns (W_K' [out, kept], predictor A [removed, kept]) with W_K' = W_K + W_R A and
-    A = H_RK (H_KK + lambda I)^-1, lambda = `dampening` x mean(diag H_KK): removed inputs are replaced by
-    their best linear prediction from the kept ones.
+    Returns W_K' [out, kept] = W_K + W_R A with A = H_RK (H_KK + lambda I)^-1, lambda = `dampening` x
+    mean(diag H_KK): removed inputs are replaced by their best linear prediction from the kept ones.
+    With the inputs' `mean` (H then their covariance), also the intercept's output shift
+    W_R (mean_R - A mean_K), which a bias absorbs; else None.
     """
     h = hessian.detach().double()
-    keep_mask = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
-    keep_mask[kept.to(h.device)] = True
-    removed = (~keep_mask).nonzero().squeeze(1)
+    removed_mask = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
     kept = kept.to(h.device)
+    removed_mask[kept] = False
     h_kk = h[kept][:, kept]
     ridge = dampening * h_kk.diagonal().mean().clamp_min(1e-12)
     h_kk = h_kk + ridge * torch.eye(len(kept), dtype=torch.float64, device=h.device)
     lower = _cholesky(h_kk, dampening, name)
-    predictor = torch.cholesky_solve(h[kept][:, removed], lower).T  # [removed, kept]
+    predictor = torch.cholesky_solve(h[kept][:, removed_mask], lower).T  # A [removed, kept]
     w = weight.detach().to(device=h.device, dtype=torch.float64)
-    return w[:, kept] + w[:, removed] @ predictor, predictor
+    w_removed = w[:, removed_mask]
+    shift = None
+    if mean is not None:
+        mean = mean.to(device=h.device, dtype=torch.float64)
+        shift = w_removed @ (mean[removed_mask] - predictor @ mean[kept])
+    return w[:, kept] + w_removed @ predictor, shift
 
 
 def _block_mask(scores: torch.Tensor, sparsity: float, segments: list[int]) -> torch.Tensor:

@@ -45,17 +45,13 @@ class LeastSquaresCompensation:
         self.damping = damping
         self.intercept = intercept
 
-    def columns(self, linear: nn.Linear, kept: torch.Tensor, name: str = "an output projection") -> nn.Linear:
+    def columns(self, linear: nn.Linear, kept: torch.Tensor) -> nn.Linear:
         moment = self.covariance if self.intercept else self.covariance + torch.outer(self.mean, self.mean)
-        new_weight, predictor = remove_inputs(linear.weight, moment, kept, self.damping, name)
+        new_weight, shift = remove_inputs(linear.weight, moment, kept, self.damping,
+                                          mean=self.mean if self.intercept else None)
         device, dtype = linear.weight.device, linear.weight.dtype
         bias = linear.bias.detach().double().to(moment.device) if linear.bias is not None else None
-        if self.intercept:
-            removed_mask = torch.ones(linear.in_features, dtype=torch.bool, device=moment.device)
-            removed_mask[kept] = False
-            mean = self.mean
-            removed = linear.weight.detach().double().to(moment.device)[:, removed_mask]
-            shift = removed @ (mean[removed_mask] - predictor @ mean[kept])
+        if shift is not None:
             bias = bias + shift if bias is not None else shift
         return _new_linear(new_weight.to(device=device, dtype=dtype),
                            bias.to(device=device, dtype=dtype) if bias is not None else None)

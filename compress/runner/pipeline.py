@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 import compress
-from calibration.data import calibration_windows, read_source_text, tokenize_text
-from calibration.data import describe_data as describe_data
+from calibration.data import calibration_windows, describe_data, read_source_text, tokenize_text
 from compress.arch import get_adapter
 from compress.arch.moe import model_experts, routed_experts
 from compress.export.card import model_card
