@@ -15,6 +15,7 @@ Memory held: the hidden states of all calibration batches at one depth of the mo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ class LayerwiseCapture:
         self.progress = progress
         self.hidden: list[torch.Tensor] = []
         self.layer_kwargs: list[list[dict]] = []
+        self.recorded: dict[nn.Module, list[torch.Tensor]] = {}  # inputs `record` passes kept, per batch
         self.start = 0
         self._record(windows)
 
@@ -98,21 +100,37 @@ class LayerwiseCapture:
                     yield index, layer
 
     @torch.no_grad()
-    def forward(self, index: int, layer: nn.Module, advance: bool = True, stop_at: nn.Module | None = None) -> None:
+    def forward(self, index: int, layer: nn.Module, advance: bool = True, stop_at: nn.Module | None = None,
+                record: nn.Module | None = None, replay: list[tuple[nn.Module, nn.Module]] = ()) -> None:
         """Run decoder layer `index` over every calibration batch (hooks see its inputs).
 
         `advance=True`: each batch's output replaces its input as soon as it is computed, so the
         next layer's inputs take no extra memory. `advance=False`: outputs are discarded (a
         statistics pass before the layer is pruned and run again); `stop_at` then ends each batch
         when that submodule is about to run (after its own input hooks), skipping the rest.
+
+        `record` (a submodule): keep the input it receives in every batch (`self.recorded[record]`,
+        until the next advancing pass). `replay`: (block, last) pairs whose block's output is `last`
+        applied to its recorded inputs, e.g. an attention block whose last step is o_proj once q/k/v
+        are final, so this pass skips the block's work (`replay_output`).
         """
         if advance and stop_at is not None:
             raise ValueError("stop_at is for statistics passes (advance=False)")
-        handle = stop_at.register_forward_pre_hook(_stop) if stop_at is not None else None
+        kept: list[torch.Tensor] = []
+        handles = []
+        if record is not None:
+            handles.append(record.register_forward_pre_hook(lambda _m, args: kept.append(args[0])))
+        if stop_at is not None:  # after the statistics and record hooks, which must see the input first
+            handles.append(stop_at.register_forward_pre_hook(_stop))
+        position = [0]
         experts = self.adapter.experts(layer) if getattr(self.adapter, "is_moe", False) else None
         try:
-            with routed_experts([experts]):  # MoE: hooks on the expert views see the routed tokens
+            # MoE: hooks on the expert views see the routed tokens
+            with routed_experts([experts]), ExitStack() as replayed:
+                for block, last in replay:
+                    replayed.enter_context(replay_output(block, last, self.recorded[last], position))
                 for batch_index, (batch, kwargs) in enumerate(zip(self.hidden, self.layer_kwargs[index])):
+                    position[0] = batch_index
                     try:
                         out = layer(batch, **kwargs)
                         if isinstance(out, (tuple, list)):
@@ -128,11 +146,56 @@ class LayerwiseCapture:
                                              f"run in float32 (dtype=float32) or check the model weights") from None
                     if advance:
                         self.hidden[batch_index] = out
+                        for _block, last in replay:  # its last use: the memory goes as the pass proceeds
+                            self.recorded[last][batch_index] = None
                     if self.progress is not None:
                         self.progress(batch.shape[0])
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
+        if record is not None:
+            self.recorded[record] = kept
+        if advance:
+            self.recorded = {}  # the next layer records its own
+
+
+@contextmanager
+def replay_output(block: nn.Module, last: nn.Module, inputs: list[torch.Tensor], position: list[int]):
+    """While active, `block(...)` returns `last(inputs[position[0]])` in place of its own output (the
+    first element of a tuple output) instead of running: valid when the block's output is its last
+    submodule's output and that submodule's input has not changed since it was recorded.
+
+    The first call runs the block as usual and compares: if its output is not `last(recorded
+    input)` (a block that adds, scales or normalises after `last`), the block simply runs for the
+    rest of the pass. Yields a dict whose `replayed` counts the calls that were skipped.
+    """
+    original = block.forward
+    own = block.__dict__.get("forward")  # a wrapper accelerate installed, if any
+    state = {"template": None, "valid": None, "replayed": 0}
+
+    def forward(*args, **kwargs):
+        if state["valid"] is False or position[0] >= len(inputs):
+            return original(*args, **kwargs)
+        result = last(inputs[position[0]])
+        if state["valid"] is None:  # first call: run the block for real and check the shortcut
+            real = original(*args, **kwargs)
+            first = real[0] if isinstance(real, (tuple, list)) else real
+            state["valid"] = (isinstance(first, torch.Tensor) and first.shape == result.shape
+                              and torch.allclose(first, result, rtol=1e-5, atol=1e-6))
+            state["template"] = real
+            return real
+        state["replayed"] += 1
+        template = state["template"]
+        return type(template)((result, *template[1:])) if isinstance(template, (tuple, list)) else result
+
+    block.forward = forward
+    try:
+        yield state
+    finally:
+        if own is not None:
+            block.forward = own
+        else:
+            del block.forward
 
 
 @torch.no_grad()

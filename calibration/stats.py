@@ -10,6 +10,7 @@ from torch import nn
 from compress.errors import NonFiniteInput, NumericalError
 
 FLUSH_EVERY = 8  # batches of float32 products summed before they join the float64 second moment
+STRIP = 384  # rows of one strip of the second-moment product (upper triangle only, strip by strip)
 
 
 class ChannelStats:
@@ -38,6 +39,7 @@ class ChannelStats:
         self.shift = None  # first batch's column means (float32), set by the first update
         self._sum = self._sum_sq = self._gram = self.gram_sum = None
         self._pending, self._pending_batches = None, 0  # float32 products not yet in the float64 sum
+        self._pending_upper = False  # the pending product holds its upper triangle only (strips)
         # vectors of ones for the column sums, shared by one layer's statistics (`input_stats`)
         self._scratch = scratch if scratch is not None else {}
 
@@ -69,11 +71,8 @@ class ChannelStats:
         centred_sum = ones @ centred  # not column_sum - tokens * shift, which cancels
         self._sum += centred_sum
         if self.stride:
-            sub = centred if self.stride == 1 else centred[:: self.stride]
-            if self._pending is None:
-                self._pending = torch.mm(sub.T, sub)
-            else:
-                self._pending.addmm_(sub.T, sub)
+            sub = centred if self.stride == 1 else centred[:: self.stride].contiguous()
+            self._accumulate_product(sub)
             self._pending_batches += 1
             if self._pending_batches >= FLUSH_EVERY:
                 self._flush()
@@ -82,11 +81,30 @@ class ChannelStats:
         if self.stride != 1:  # at stride 1 the product's diagonal is the sum of squares
             self._sum_sq += ones @ (centred * centred)
 
+    def _accumulate_product(self, sub: torch.Tensor) -> None:
+        """pending += sub^T sub (float32), upper triangle only once the width exceeds one strip: strips
+        of STRIP rows, each times the columns from its own diagonal on (1,536 wide: 62% of the work,
+        twice as fast as a full product on 2 cores; 28,672 wide: 51%)."""
+        width = self.width
+        if self._pending is None:
+            self._pending = torch.zeros(width, width, device=sub.device)
+        if width <= STRIP:
+            self._pending.addmm_(sub.T, sub)
+            return
+        self._pending_upper = True
+        for start in range(0, width, STRIP):
+            stop = min(start + STRIP, width)
+            self._pending[start:stop, start:].addmm_(sub[:, start:stop].T, sub[:, start:])
+
     def _flush(self) -> None:
         """Fold the float32 products of the last few batches into the float64 sum (a float64 add per batch
         costs a quarter of the product's time on CPU; a few batches of centred data lose nothing)."""
         if self._pending_batches:
-            self._gram += self._pending
+            if self._pending_upper:  # mirror the upper triangle: U + U^T - diag
+                upper = self._pending.double().triu()
+                self._gram += upper + upper.triu(1).T
+            else:
+                self._gram += self._pending
             self._pending.zero_()
             self._pending_batches = 0
 

@@ -96,8 +96,8 @@ OUR_RUNS = {
     "ours_sparsegpt_50_dense_inputs": "recipe=sparsegpt_50 stages.0.inputs=dense",
     "ours_sparsegpt_4_8": "recipe=sparsegpt_50 pattern=4:8",
     "ours_sparsegpt_2_4_stride2": "recipe=sparsegpt_50 pattern=2:4 stages.0.token_stride=2",
-    "ours_sparsegpt_2_4_within": "recipe=sparsegpt_50 pattern=2:4 stages.0.within_layer=true",
-    "ours_sparsegpt_50_within": "recipe=sparsegpt_50 stages.0.within_layer=true",
+    "ours_sparsegpt_2_4_one_pass": "recipe=sparsegpt_50 pattern=2:4 stages.0.within_layer=false",
+    "ours_sparsegpt_50_one_pass": "recipe=sparsegpt_50 stages.0.within_layer=false",
 }
 RUNS = [*LLMC_RUNS, *OUR_RUNS]
 DEFAULT_RUNS = ["llmc_sparsegpt_2_4", "ours_sparsegpt_2_4", "llmc_sparsegpt_50", "ours_sparsegpt_50",

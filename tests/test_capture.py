@@ -1,11 +1,14 @@
 """Layer-by-layer capture reproduces the full model's forward exactly."""
 
+import pytest
 import torch
 
 from calibration.capture import LayerwiseCapture
 from calibration.data import sample_windows
 from compress.arch import get_adapter
-from tests.conftest import tiny_llama
+from tests.conftest import TINY_ARCHITECTURES, TINY_MOE_ARCHITECTURES, tiny_llama, tiny_model
+
+WINDOWS_10 = torch.randint(0, 320, (10, 24), generator=torch.Generator().manual_seed(0))
 
 
 def test_layerwise_outputs_equal_full_forward():
@@ -91,3 +94,65 @@ def test_the_recorder_drops_every_cache_keyword_and_refuses_extra_positional_arg
     adapter.base_model().forward = mask_passed_positionally
     with pytest.raises(RuntimeError, match="2 positional arguments"):
         LayerwiseCapture(adapter, windows, batch_size=2)
+
+
+@pytest.mark.parametrize("model_type", TINY_ARCHITECTURES + TINY_MOE_ARCHITECTURES)
+def test_replayed_blocks_give_the_layer_outputs_of_a_full_run(model_type):
+    """Passes that replay the attention from o_proj's recorded inputs (and the MLP from down_proj's, dense
+    models) yield the same layer outputs as a full pass, on every architecture; the replayed blocks run
+    only on the first (checking) batch."""
+    from compress.arch.moe import model_experts, routed_experts
+    model = tiny_model(model_type)
+    adapter = get_adapter(model)
+    moe = getattr(adapter, "is_moe", False)
+    full, replayed = LayerwiseCapture(adapter, WINDOWS_10, 4), LayerwiseCapture(adapter, WINDOWS_10, 4)
+    with routed_experts(model_experts(adapter)):
+        for index, layer in full.layers():
+            attention, o_proj, q_proj = adapter.attention(layer), adapter.o_proj(layer), adapter.qkv(layer)[0]
+            full.forward(index, layer)
+            replayed.forward(index, layer, advance=False, stop_at=o_proj, record=o_proj)
+            assert len(replayed.recorded[o_proj]) == 3
+            replay = [(attention, o_proj)]
+            if not moe:
+                down = adapter.down_proj(layer)
+                replayed.forward(index, layer, advance=False, stop_at=down, record=down, replay=replay)
+                replay.append((adapter.mlp(layer), down))
+            calls = {"q": [], "mlp": []}
+            handles = [q_proj.register_forward_hook(lambda *_: calls["q"].append(1))]
+            if not moe:
+                handles.append(adapter.gate_up(layer)[0].register_forward_hook(lambda *_: calls["mlp"].append(1)))
+            replayed.forward(index, layer, replay=replay)
+            for handle in handles:
+                handle.remove()
+            assert len(calls["q"]) == 1, model_type  # the first batch checks the shortcut, the others skip it
+            assert len(calls["mlp"]) == (0 if moe else 1)
+            assert replayed.recorded == {}
+            for a, b in zip(full.hidden, replayed.hidden):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_block_that_is_not_its_last_linear_is_run_not_replayed():
+    """An attention that scales after o_proj (inside its forward, installed the way accelerate wraps one)
+    fails the first-batch check: it runs on every batch, the outputs are right, its wrapper is restored."""
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    layer = adapter.layers()[0]
+    attention, o_proj, q_proj = adapter.attention(layer), adapter.o_proj(layer), adapter.qkv(layer)[0]
+    plain = attention.forward
+
+    def scaled(*args, **kwargs):
+        out = plain(*args, **kwargs)
+        return (out[0] * 2, *out[1:])
+
+    attention.forward = scaled
+    capture, reference = LayerwiseCapture(adapter, WINDOWS_10, 4), LayerwiseCapture(adapter, WINDOWS_10, 4)
+    capture.forward(0, layer, advance=False, stop_at=o_proj, record=o_proj)
+    calls = []
+    handle = q_proj.register_forward_hook(lambda *_: calls.append(1))
+    capture.forward(0, layer, replay=[(attention, o_proj)])
+    handle.remove()
+    reference.forward(0, layer)
+    assert len(calls) == 3
+    for a, b in zip(reference.hidden, capture.hidden):
+        assert torch.equal(a, b)
+    assert attention.__dict__["forward"] is scaled

@@ -122,16 +122,16 @@ GOLDEN: dict[str, dict[str, str]] = {
         "report.json": "4401c88181728e19eba7a30a7723e7398b537a0cb71b67a105797372799b1497",
     },
     "sparsegpt-50": {
-        "model.safetensors": "2de2ff1ddfb467ffb37ecba2559aeb28df4fab07bf055a5cc3327f66f6ec2dd8",
-        "report.json": "b7d8e84c69a75ce9221e03e35e668fb9f4735035ea9b63c910ea2e9f53572eb2",
+        "model.safetensors": "d182915c6eda351eeb90b503f4d2a18cc2e2f05ef8da9085f6a2f3ba7dfe5ce8",
+        "report.json": "95bc3863c2745f58ebff06f629c399fc6063828106205cd65d42ec1bd2596964",
     },
     "sparsegpt-2:4": {
-        "model.safetensors": "fb30254c85cc6d1b1ca58ffb1d7cb86683860c0ab61e8612a44e11a4c993ccd0",
-        "report.json": "6d39a1f6b02236cf9846108f1213a869f3de00d3d7fd0a254a48bfebfa808956",
+        "model.safetensors": "7028c04e88bdf9b6d48e2bfbdbc58c4518d2d6427e4411fa902e6ffe8e1fff2b",
+        "report.json": "cb4731b12837abba7c5b32803ee72b45fab1f5aa67ba1e368c89e2428f471bfe",
     },
     "moe-sparsegpt-2:4": {
-        "model.safetensors": "50a3e062ea48ff5a255a38485cfb357dd6fa01f3defa163a25cc59eef5f26ed5",
-        "report.json": "120caae8009c4ef16e3c92ea7eb584df5e939bac05547f47a47fc994ec053aaa",
+        "model.safetensors": "bdc42f1cc6a8ca4739d4d2db61a3f0be2f4d036eeae45c852c41c7dbc182dcfe",
+        "report.json": "6790441dbb5d98d9fb5f5dca9b30c3ffa43978f828e6907494e97599aa3a3a89",
     },
     "offload-flap": {
         "model.safetensors": "fab4c9f899002ccbd8a0f7300eaf43e97db886b349eff7623a9cfd746b2fc954",

@@ -9,7 +9,7 @@ from compress.arch import get_adapter
 from compress.methods import METHODS
 from compress.methods.base import StageContext
 from compress.ops.masks import follows_nm, zero_fraction
-from tests.conftest import tiny_llama
+from tests.conftest import TINY_ARCHITECTURES, TINY_MOE_ARCHITECTURES, tiny_llama
 
 WINDOWS = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))
 
@@ -168,7 +168,7 @@ def test_within_layer_measures_later_levels_on_the_pruned_layer(model_type):
     from tests.conftest import tiny_model
 
     default, within = tiny_model(model_type), tiny_model(model_type)
-    prune(default, "sparsegpt", sparsity=0.5, pattern="2:4")
+    prune(default, "sparsegpt", sparsity=0.5, pattern="2:4", within_layer=False)
     prune(within, "sparsegpt", sparsity=0.5, pattern="2:4", within_layer=True)
     adapter_d, adapter_w = get_adapter(default), get_adapter(within)
     first_d = adapter_d.decoder_linears(adapter_d.layers()[0])
@@ -181,9 +181,44 @@ def test_within_layer_measures_later_levels_on_the_pruned_layer(model_type):
         assert torch.isfinite(within(WINDOWS[:2]).logits).all()
 
 
+@pytest.mark.parametrize("model_type", TINY_ARCHITECTURES + TINY_MOE_ARCHITECTURES)
+def test_within_layer_replayed_attention_prunes_as_full_passes_do(model_type, monkeypatch):
+    """The within-layer passes after o_proj replay the attention from its recorded inputs: the pruned
+    weights are those of full passes, on every architecture."""
+    from calibration.capture import LayerwiseCapture
+    from tests.conftest import tiny_model
+
+    def pruned(replay: bool):
+        model = tiny_model(model_type)
+        adapter = get_adapter(model)
+        calls, mlp_calls = [], []
+        adapter.qkv(adapter.layers()[0])[0].register_forward_hook(lambda *_: calls.append(1))
+        if not getattr(adapter, "is_moe", False):
+            adapter.gate_up(adapter.layers()[0])[0].register_forward_hook(lambda *_: mlp_calls.append(1))
+        with monkeypatch.context() as patch:
+            if not replay:
+                patch.setattr(LayerwiseCapture, "forward",
+                              lambda self, *args, replay=None, **kwargs: full_forward(self, *args, **kwargs))
+            prune(model, "sparsegpt", sparsity=0.5, pattern="2:4", within_layer=True)
+        return model, len(calls), len(mlp_calls)
+
+    full_forward = LayerwiseCapture.forward
+    (replayed, replayed_calls, replayed_mlp), (full, full_calls, full_mlp) = pruned(True), pruned(False)
+    batches = full_calls // 4  # full: q/k/v run in the passes of o, the MLP inputs, down and the outputs
+    assert replayed_calls == batches + 3  # replayed: the o pass, then one checking batch per later pass
+    moe = getattr(get_adapter(replayed), "is_moe", False)
+    assert replayed_mlp == full_mlp == (0 if moe else 2 * batches)  # the MLP runs: its inputs are not kept
+    for a, b in zip(replayed.state_dict().values(), full.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_within_layer_and_dense_inputs_are_refused_together():
     from compress.errors import UserError
     from compress.recipe import load_recipe
 
     with pytest.raises(UserError, match="within_layer"):
         load_recipe({"stages": [{"method": "sparsegpt", "inputs": "dense", "within_layer": True}]})
+    # SparseGPT's default is within_layer: true, which an explicit inputs=dense turns off
+    assert load_recipe({"stages": [{"method": "sparsegpt"}]}).stages[0].within_layer
+    assert not load_recipe({"stages": [{"method": "sparsegpt", "inputs": "dense"}]}).stages[0].within_layer
+    assert not load_recipe({"stages": [{"method": "wanda"}]}).stages[0].within_layer

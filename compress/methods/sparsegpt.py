@@ -10,7 +10,11 @@ M - N lowest of every M inputs of each row), lazily batched updates, `dampening`
 the diagonal. Linears that read one input are pruned as one stacked matrix (one Cholesky, one pass).
 
 Layers are pruned in order, each calibrated on the already-pruned earlier layers (`inputs:
-sequential`, the paper's choice) or on the dense model (`inputs: dense`, one pass per layer). `owl:
+sequential`, the paper's choice) or on the dense model (`inputs: dense`, one pass per layer). Within
+a layer (`within_layer: true`, the default) q/k/v are pruned first, then o_proj on the attention
+of the pruned q/k/v, then gate/up, then down, each Hessian taken after the levels before it are
+pruned (the order of GPTQ's `--true-sequential`); the attention and a dense MLP are then replayed
+from o_proj's and down_proj's kept inputs instead of run again. `owl:
 true` gives each layer its own sparsity from Wanda-score outlier ratios (the OWL paper's choice for
 SparseGPT too).
 
@@ -39,6 +43,10 @@ class SparseGptConfig(WeightStageConfig):
     method: Literal["sparsegpt"] = "sparsegpt"
     block_size: int = Field(128, ge=1, description="columns per block of the OBS sweep (lazy batch updates)")
     dampening: float = Field(0.01, gt=0.0, description="added to the Hessian's diagonal, x its mean")
+    within_layer: bool = Field(
+        True, description="prune q/k/v, o, the MLP inputs and down in turn, each Hessian measured on the layer "
+                          "with the earlier ones already pruned (GPTQ's true-sequential order); false: one "
+                          "Hessian pass per layer, all from the layer's dense weights")
     token_stride: int = Field(1, ge=1, description="accumulate the Hessian over every k-th calibration token "
                                                    "(1 = all; larger is faster, noisier)")
 

@@ -92,15 +92,26 @@ class WeightMethod(Method):
             linears = adapter.decoder_linears(layer)
             groups = adapter.input_groups(layer)
             stride = self.second_moment_stride() if moments else None
+            # within the layer, o_proj's inputs are final once q/k/v are pruned: kept (N x heads x head_dim
+            # floats), the attention is not run again, its output is o_proj of the kept inputs. down_proj's
+            # inputs are not kept: N x intermediate floats (400 MB for SmolLM2 at 128 x 512) would cost more
+            # memory than the gate/up forward it saves is worth
+            o_name = adapter.output_projection_paths()[0]
+            blocks = {o_name: adapter.attention(layer)}
+            replay = []
             # within the layer: one statistics pass per level, each after the levels before it were pruned
             for level in (input_levels(adapter, groups) if within else [groups]):
+                last = level[0][0] if within and len(level) == 1 and level[0][0] in blocks else None
                 with input_stats({group[0]: linears[group[0]] for group in level}, stride,
                                  where=f"decoder layer {index}") as shared:
                     # a statistics-only pass stops once the level's last input is seen
-                    capture.forward(index, layer, advance=advance, stop_at=None if advance else linears[level[-1][0]])
+                    capture.forward(index, layer, advance=advance, stop_at=None if advance else linears[level[-1][0]],
+                                    record=linears[last] if last else None, replay=replay)
                 yield index, layer, {name: shared[group[0]] for group in level for name in group}
-            if not advance:
-                capture.forward(index, layer, advance=True)  # outputs of the pruned layer feed the next
+                if last:
+                    replay.append((blocks[last], linears[last]))
+            if not advance:  # outputs of the pruned layer feed the next
+                capture.forward(index, layer, advance=True, replay=replay)
             if after_layer is not None:
                 after_layer(index, capture)
 

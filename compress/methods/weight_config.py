@@ -17,7 +17,8 @@ class WeightStageConfig(StageConfig):
                                   "or from the dense model (one pass per layer, faster)")
     within_layer: bool = Field(
         False, description="inputs: sequential only: prune q/k/v, o, the MLP inputs and down in turn, each "
-                           "measured on the layer with the earlier ones already pruned (one more pass per level)")
+                           "measured on the layer with the earlier ones already pruned (partial passes; the "
+                           "attention and a dense MLP are replayed from their last linear's kept inputs)")
     owl: bool = Field(False, description="non-uniform layer sparsity from outlier ratios (OWL), unstructured only")
     owl_lambda: float = Field(0.08, gt=0.0, lt=0.5, description="OWL: layer sparsities stay within target +- lambda")
     owl_threshold: float = Field(5.0, gt=1.0, description="OWL: outlier = score above this multiple of the layer mean")
@@ -34,6 +35,8 @@ class WeightStageConfig(StageConfig):
             if abs(self.sparsity - implied) > 1e-9:
                 raise ValueError(f"pattern {n}:{m} keeps {n} of every {m} weights, i.e. sparsity {implied:g}; "
                                  f"set sparsity={implied:g}")
+        if self.within_layer and self.inputs == "dense" and "within_layer" not in self.model_fields_set:
+            self.within_layer = False  # a method's default (SparseGPT's) gives way to an explicit inputs=dense
         if self.within_layer and self.inputs == "dense":
             raise ValueError("within_layer=true measures each level on the pruned layer, inputs=dense on the dense "
                              "model: choose one")
