@@ -86,6 +86,10 @@ ROWS = {
     "moe_flap_20": f"recipe=flap_20 model={MOE_MODEL}",
     "moe_wanda_2_4": f"recipe=wanda_50 pattern=2:4 model={MOE_MODEL}",
     "wanda_2_4_lora": "recipe=flap_50_lora \"stages.0={method: wanda, pattern: '2:4'}\"",
+    # LoRAPrune: pruning while LoRA trains, the same 200 x 8 x 256-token budget as flap_50_lora (no checkpointing,
+    # as flap_50_lora_nockpt)
+    "loraprune_50_nockpt": "recipe=loraprune_20 sparsity=0.5 stages.0.gradient_checkpointing=false",
+    "loraprune_20_nockpt": "recipe=loraprune_20 stages.0.gradient_checkpointing=false",
 }
 
 

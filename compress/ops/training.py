@@ -47,9 +47,10 @@ class TrainResult:
 
 def train(model: torch.nn.Module, windows: torch.Tensor, *, steps: int, batch_size: int, learning_rate: float,
           weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float = 1.0, seed: int = 0,
-          make_bar: Callable | None = None, on_step: Callable[[int], None] | None = None) -> TrainResult:
+          make_bar: Callable | None = None, on_gradients: Callable[[int], None] | None = None) -> TrainResult:
     """AdamW with warm-up + cosine decay and gradient clipping on the trainable parameters of `model`,
-    `steps` batches of `batch_size` windows drawn in a seeded order; `on_step(step)` runs after each update."""
+    `steps` batches of `batch_size` windows drawn in a seeded order; `on_gradients(step)` runs after the
+    backward pass (the gradients as computed, before clipping)."""
     from accelerate import Accelerator
 
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -74,13 +75,13 @@ def train(model: torch.nn.Module, windows: torch.Tensor, *, steps: int, batch_si
                 raise UserError(f"recovery loss became {loss.item()} at step {step}; lower learning_rate "
                                 f"(now {learning_rate:g}) or run in float32")
             accelerator.backward(loss)
+            if on_gradients is not None:
+                on_gradients(step)
             accelerator.clip_grad_norm_(parameters, max_grad_norm)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
-            if on_step is not None:
-                on_step(step)
             if bar is not None:
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}",

@@ -105,7 +105,7 @@ def _data_free(data: dict) -> None:
     default named set train on the self-generated calibration windows instead (eval still measures
     on its text, the packaged WikiText-2 test split by default; `ppl=none` skips it)."""
     for stage in data.get("stages") or []:
-        if isinstance(stage, dict) and stage.get("method") == "lora":
+        if isinstance(stage, dict) and stage.get("method") in ("lora", "loraprune"):
             block = stage.setdefault("data", {}) or {}
             if block.get("source", "builtin") == "builtin" and not block.get("path"):
                 stage["data"] = {k: v for k, v in block.items() if k != "name"} | {"source": "calibration"}
