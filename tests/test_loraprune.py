@@ -14,21 +14,14 @@ from compress.methods.loraprune import (
     unit_importance,
 )
 from compress.recipe import load_recipe
-from compress.runner import pipeline
 from tests.conftest import TINY_ARCHITECTURES, tiny_model
+from tests.test_recovery import lora_stage, run
 
 
 def loraprune_stage(text_files, **overrides):
-    stage = {"method": "loraprune", "sparsity": 0.4, "steps": 30, "prune_steps": 20, "prune_every": 5,
-             "batch_size": 4, "seq_len": 32, "learning_rate": 3e-3, "warmup_steps": 3,
-             "data": {"path": str(text_files["calibration"])}}
-    stage.update(overrides)
-    return stage
-
-
-def run(tiny_recipe, stages):
-    tiny_recipe["stages"] = stages
-    return pipeline.run(load_recipe(tiny_recipe), progress=False, log=lambda _: None)
+    """The recovery tests' short LoRA stage, pruning 40% over its first 20 of 30 steps."""
+    return lora_stage(text_files, **{"method": "loraprune", "sparsity": 0.4, "prune_steps": 20, "prune_every": 5,
+                                     **overrides})
 
 
 def test_the_cubic_schedule_starts_at_zero_and_ends_exactly_at_the_target():

@@ -155,15 +155,19 @@ class LoraRecovery(Method):
     Config = LoraConfig
     prunes = False
 
-    def run(self, ctx: StageContext) -> dict:
-
-        cfg, adapter = self.config, ctx.adapter
+    def check_trainable(self, ctx: StageContext) -> None:
+        """The model can be trained here: every layer in memory (not offloaded to disk), a tokenizer."""
+        adapter = ctx.adapter
         if adapter.offload_store is not None and any(is_offloaded(layer) for layer in adapter.layers()):
-            raise UserError("the lora stage trains the whole model at once: it needs every layer in memory or on a "
-                            "GPU, not on disk; drop max_memory/device_map for this recipe or export first and "
-                            "fine-tune the checkpoint on a larger machine")
+            raise UserError(f"the {self.name} stage trains the whole model at once: it needs every layer in memory "
+                            f"or on a GPU, not on disk; drop max_memory/device_map for this recipe or export first "
+                            f"and fine-tune the checkpoint on a larger machine")
         if ctx.tokenizer is None:
-            raise UserError("the lora stage needs the model's tokenizer")
+            raise UserError(f"the {self.name} stage needs the model's tokenizer")
+
+    def run(self, ctx: StageContext) -> dict:
+        cfg, adapter = self.config, ctx.adapter
+        self.check_trainable(ctx)
         missing = [name for name in cfg.target_modules if name not in adapter.linear_names()]
         if missing:
             raise UserError(f"stages: lora target module {missing[0]!r} is not a decoder linear of this model; "
@@ -183,16 +187,7 @@ class LoraRecovery(Method):
         peft_model = self.peft_model(ctx, details)
         ctx.log(f"LoRA: {details['trainable_params']:,} trainable parameters, {steps} steps x {cfg.batch_size} x "
                 f"{cfg.seq_len} tokens")
-        if cfg.gradient_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        try:
-            result = train(peft_model, windows, steps=steps, batch_size=cfg.batch_size,
-                           learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                           warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed,
-                           make_bar=ctx.make_bar)
-        finally:
-            if cfg.gradient_checkpointing:
-                model.activation_checkpointing_disable()
+        result = self.train(peft_model, windows, ctx)
         details.update(result.summary(details["tokens"]))
         self.merge_or_export(result.model, ctx, details)
         model.train(was_training)
@@ -201,6 +196,21 @@ class LoraRecovery(Method):
             details["masks_reapplied"] = True
             details["patterns_verified"] = verified
         return details
+
+    def train(self, peft_model, windows: torch.Tensor, ctx: StageContext, on_gradients=None):
+        """The stage's fine-tune of `peft_model` (`compress.ops.training.train`), with gradient
+        checkpointing on for its duration if the config asks for it."""
+        cfg, model = self.config, ctx.adapter.model
+        if cfg.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            return train(peft_model, windows, steps=cfg.total_steps, batch_size=cfg.batch_size,
+                         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                         warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed,
+                         make_bar=ctx.make_bar, on_gradients=on_gradients)
+        finally:
+            if cfg.gradient_checkpointing:
+                model.activation_checkpointing_disable()
 
     def peft_model(self, ctx: StageContext, details: dict):
         """The model with LoRA adapters on the target linears (per-layer ranks for rank_allocation)."""

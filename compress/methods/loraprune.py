@@ -46,7 +46,6 @@ from compress.errors import NumericalError, UserError
 from compress.methods.base import StageContext
 from compress.methods.lora import LoraConfig, LoraRecovery, training_windows
 from compress.methods.registry import register
-from compress.model.offload import is_offloaded
 from compress.ops.allocation import (
     UnitScores,
     global_allocation,
@@ -56,7 +55,6 @@ from compress.ops.allocation import (
     uniform_allocation,
 )
 from compress.ops.slicing import attention_unit_params, mlp_unit_params, slice_attention, slice_mlp
-from compress.ops.training import train
 from compress.ops.units import UnitMasks
 
 PRUNED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -149,11 +147,7 @@ class LoraPrune(LoraRecovery):
         if getattr(adapter, "is_moe", False):
             raise UserError("loraprune prunes dense decoder layers: peft cannot put LoRA on fused MoE experts; use "
                             "flap or cfsp for expert channels")
-        if adapter.offload_store is not None and any(is_offloaded(layer) for layer in adapter.layers()):
-            raise UserError("loraprune trains the whole model at once: it needs every layer in memory or on a GPU, "
-                            "not on disk; drop max_memory/device_map for this recipe")
-        if ctx.tokenizer is None:
-            raise UserError("the loraprune stage needs the model's tokenizer")
+        self.check_trainable(ctx)
         steps = cfg.total_steps
         windows = training_windows(cfg, ctx)
         details: dict = {"steps": steps, "prune_steps": cfg.prune_steps,
@@ -193,16 +187,7 @@ class LoraPrune(LoraRecovery):
                 schedule.append({"step": done, "target": round(target, 4),
                                  "removed": round(removed_share(keep, params, masks), 4)})
 
-        if cfg.gradient_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        try:
-            result = train(peft_model, windows, steps=steps, batch_size=cfg.batch_size,
-                           learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                           warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed,
-                           make_bar=ctx.make_bar, on_gradients=on_gradients)
-        finally:
-            if cfg.gradient_checkpointing:
-                model.activation_checkpointing_disable()
+        result = self.train(peft_model, windows, ctx, on_gradients=on_gradients)
         details.update(result.summary(details["tokens"]))
         details["schedule"] = schedule
         check = windows[:2]

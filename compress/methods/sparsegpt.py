@@ -13,8 +13,8 @@ Layers are pruned in order, each calibrated on the already-pruned earlier layers
 sequential`, the paper's choice) or on the dense model (`inputs: dense`, one pass per layer). Within
 a layer (`within_layer: true`, the default) q/k/v are pruned first, then o_proj on the attention
 of the pruned q/k/v, then gate/up, then down, each Hessian taken after the levels before it are
-pruned (the order of GPTQ's `--true-sequential`); the attention and a dense MLP are then replayed
-from o_proj's and down_proj's kept inputs instead of run again. `owl:
+pruned (the order of GPTQ's `--true-sequential`); after the o level the attention is replayed
+from o_proj's kept inputs instead of run again. `owl:
 true` gives each layer its own sparsity from Wanda-score outlier ratios (the OWL paper's choice for
 SparseGPT too).
 

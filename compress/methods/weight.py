@@ -97,19 +97,18 @@ class WeightMethod(Method):
             # inputs are not kept: N x intermediate floats (400 MB for SmolLM2 at 128 x 512) would cost more
             # memory than the gate/up forward it saves is worth
             o_name = adapter.output_projection_paths()[0]
-            blocks = {o_name: adapter.attention(layer)}
             replay = []
             # within the layer: one statistics pass per level, each after the levels before it were pruned
             for level in (input_levels(adapter, groups) if within else [groups]):
-                last = level[0][0] if within and len(level) == 1 and level[0][0] in blocks else None
+                record = linears[o_name] if within and level == [[o_name]] else None
                 with input_stats({group[0]: linears[group[0]] for group in level}, stride,
                                  where=f"decoder layer {index}") as shared:
                     # a statistics-only pass stops once the level's last input is seen
                     capture.forward(index, layer, advance=advance, stop_at=None if advance else linears[level[-1][0]],
-                                    record=linears[last] if last else None, replay=replay)
+                                    record=record, replay=replay)
                 yield index, layer, {name: shared[group[0]] for group in level for name in group}
-                if last:
-                    replay.append((blocks[last], linears[last]))
+                if record is not None:
+                    replay.append((adapter.attention(layer), record))
             if not advance:  # outputs of the pruned layer feed the next
                 capture.forward(index, layer, advance=True, replay=replay)
             if after_layer is not None:

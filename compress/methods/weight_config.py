@@ -18,7 +18,7 @@ class WeightStageConfig(StageConfig):
     within_layer: bool = Field(
         False, description="inputs: sequential only: prune q/k/v, o, the MLP inputs and down in turn, each "
                            "measured on the layer with the earlier ones already pruned (partial passes; the "
-                           "attention and a dense MLP are replayed from their last linear's kept inputs)")
+                           "attention is replayed from o_proj's kept inputs)")
     owl: bool = Field(False, description="non-uniform layer sparsity from outlier ratios (OWL), unstructured only")
     owl_lambda: float = Field(0.08, gt=0.0, lt=0.5, description="OWL: layer sparsities stay within target +- lambda")
     owl_threshold: float = Field(5.0, gt=1.0, description="OWL: outlier = score above this multiple of the layer mean")
