@@ -160,3 +160,49 @@ def test_an_expert_without_tokens_is_reported_and_still_fits_the_layer_width(tex
                           progress=False, log=lambda _: None)
     assert report["stages"][0]["experts_without_calibration_tokens"] == [f"layers.{i}.mlp.experts.4" for i in range(3)]
     assert report["export"]["reload_max_abs_logit_diff"] < 1e-4
+
+
+def _lora(text_files, **overrides):
+    stage = {"method": "lora", "steps": 3, "batch_size": 2, "seq_len": 32, "warmup_steps": 0,
+             "learning_rate": 1e-2, "data": {"path": str(text_files["calibration"])}}
+    return {**stage, **overrides}
+
+
+@pytest.mark.parametrize("model_type", TINY_MOE_ARCHITECTURES)
+def test_lora_recovery_adapts_the_expert_banks_the_same_way_in_every_family(model_type, text_files, tmp_path):
+    """peft renames the MLP targets to the expert banks only for some families (Qwen-MoE, OLMoE) and then
+    refuses dropout; Mixtral's experts it never found. Now: the banks are adapted in every family when dropout
+    is 0, kept frozen (and said so) otherwise; 2:4 masks survive the merge in the experts too."""
+    source = tiny_model(model_type)
+    model_dir = save(source, tmp_path / "model")
+    for dropout, adapted in ((0.0, True), (0.05, False)):
+        output = tmp_path / f"out-{dropout}"
+        stages = [{"method": "wanda", "pattern": "2:4"}, _lora(text_files, dropout=dropout)]
+        report = compress.run(recipe(model_dir, text_files, output, stages), progress=False, log=lambda _: None)
+        details = report["stages"][1]
+        assert details["experts_adapted"] is adapted
+        assert report["export"]["nm_pattern_verified"] == ["2:4"]
+        tuned = get_adapter(compress.load(output))
+        reference = get_adapter(source)
+        layer, before = tuned.layers()[0], reference.layers()[0]
+        down = tuned.experts(layer).down_proj
+        experts_changed = not torch.equal(down, reference.experts(before).down_proj.masked_fill(down == 0, 0))
+        assert experts_changed is adapted, (dropout, model_type)
+        for name, linear in tuned.decoder_linears(layer).items():
+            assert follows_nm(linear.weight, 2, 4), name
+    # 4 experts x rank 8 on down_proj, 2 x 4 x 8 on gate_up (gate and up fused: rank 8 each), per MoE layer
+    layers, experts = len(reference.layers()), reference.experts(reference.layers()[0]).down_proj.shape[0]
+    hidden, width = source.config.hidden_size, reference.intermediate_size(reference.layers()[0])
+    banks = layers * experts * 8 * ((hidden + width) + 2 * (hidden + 2 * width))
+    frozen = report["stages"][1]["trainable_params"]
+    compress.run(recipe(model_dir, text_files, tmp_path / "zero", [_lora(text_files, dropout=0.0)]), progress=False,
+                 log=lambda _: None)
+    adapted = json.loads((tmp_path / "zero" / "report.json").read_text())["stages"][0]["trainable_params"]
+    assert adapted - frozen == banks
+
+
+def test_lora_on_only_one_of_the_fused_gate_and_up_is_refused(text_files, tmp_path):
+    model_dir = save(tiny_model("mixtral"), tmp_path / "model")
+    stage = _lora(text_files, dropout=0.0, target_modules=["q_proj", "gate_proj"])
+    with pytest.raises(compress.errors.UserError, match="gate_up_proj"):
+        compress.run(recipe(model_dir, text_files, tmp_path / "out", [stage]), progress=False, log=lambda _: None)

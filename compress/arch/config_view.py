@@ -18,6 +18,11 @@ class ConfigView:
     def known(self) -> bool:
         return self.config is not None
 
+    @property
+    def is_moe(self) -> bool:
+        """The config names more than one expert per layer (False when unknown)."""
+        return int(self.text.get("num_local_experts") or self.text.get("num_experts") or 1) > 1
+
     def check_context_length(self, key: str, length: int) -> None:
         limit = self.text.get("max_position_embeddings")
         if isinstance(limit, int) and length > limit:

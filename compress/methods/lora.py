@@ -34,6 +34,8 @@ Several GPUs: run the same `compress run ...` under `accelerate launch`; see doc
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -50,7 +52,7 @@ from compress.methods.registry import register
 from compress.model.offload import is_offloaded
 from compress.ops.allocation import importance_weights
 from compress.ops.masks import MaskSnapshot
-from compress.ops.training import train
+from compress.ops.training import lora_targets, train
 
 
 class RecoveryDataConfig(DataSource):
@@ -218,6 +220,7 @@ class LoraRecovery(Method):
         from peft import get_peft_model
 
         cfg, adapter = self.config, ctx.adapter
+        modules, banks = lora_targets(adapter, cfg.target_modules, cfg.dropout, details, ctx.log)
         rank_pattern, alpha_pattern = {}, {}
         if cfg.rank_allocation != "uniform":
             importance = next((s.block_importance for s in reversed(ctx.previous) if s.block_importance is not None),
@@ -227,16 +230,30 @@ class LoraRecovery(Method):
             ranks = layer_ranks(importance, cfg)
             details["layer_ranks"] = ranks
             for index, rank in enumerate(ranks):
-                for name in adapter.decoder_linears(adapter.layers()[index]):
-                    if name.rsplit(".", 1)[-1] in cfg.target_modules:
-                        key = rf"layers\.{index}\.{name.replace('.', chr(92) + '.')}"
-                        rank_pattern[key] = rank
-                        alpha_pattern[key] = cfg.alpha * rank / cfg.rank  # same scale alpha/rank everywhere
+                layer = adapter.layers()[index]
+                names = [name for name in adapter.decoder_linears(layer)
+                         if ".experts." not in name and name.rsplit(".", 1)[-1] in modules]
+                if adapter.experts(layer) is not None:
+                    names += [f"{adapter.mlp_name}.{bank}" for bank in banks]
+                for name in names:
+                    key = rf"layers\.{index}\.{re.escape(name)}"
+                    fused = 2 if name.endswith("gate_up_proj") else 1
+                    rank_pattern[key] = rank * fused
+                    alpha_pattern[key] = cfg.alpha * rank * fused / cfg.rank  # same scale alpha/rank everywhere
+        if "experts.gate_up_proj" in banks:  # gate and up fused: rank r for each, as two adapters would have
+            rank_pattern[r".*\.gate_up_proj"] = 2 * cfg.rank
+            alpha_pattern[r".*\.gate_up_proj"] = 2 * cfg.alpha
         torch.manual_seed(cfg.seed)
         peft_config = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                     target_modules=list(cfg.target_modules), rank_pattern=rank_pattern,
-                                     alpha_pattern=alpha_pattern, bias="none", task_type="CAUSAL_LM")
-        peft_model = get_peft_model(adapter.model, peft_config)
+                                     target_modules=modules, target_parameters=banks or None,
+                                     rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, bias="none",
+                                     task_type="CAUSAL_LM")
+        with warnings.catch_warnings():
+            # peft checks rank/alpha patterns against modules only; the expert banks' patterns do apply (the
+            # trainable-parameter count is pinned in tests/test_moe.py)
+            warnings.filterwarnings("ignore", r"The following (rank|alpha)_pattern keys did not match",
+                                    RuntimeWarning)
+            peft_model = get_peft_model(adapter.model, peft_config)
         details["trainable_params"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         return peft_model
 

@@ -88,6 +88,15 @@ class LoraPruneConfig(LoraConfig):
                              f"target_modules lacks {', '.join(missing)}")
         return self
 
+    def check_model(self, view, number: int, recipe) -> None:
+        if view.is_moe:
+            raise UserError(MOE_REFUSAL)
+        super().check_model(view, number, recipe)
+
+
+MOE_REFUSAL = ("loraprune prunes dense decoder layers: its unit scores need one LoRA per linear, and the experts of "
+               "a mixture-of-experts (MoE) layer are fused banks; use flap or cfsp for expert channels")
+
 
 def scheduled_sparsity(step: int, prune_steps: int, target: float) -> float:
     """Cubic schedule: 0 at step 0, `target` at `prune_steps` and after (steps counted from 1)."""
@@ -145,8 +154,7 @@ class LoraPrune(LoraRecovery):
     def run(self, ctx: StageContext) -> dict:
         cfg, adapter = self.config, ctx.adapter
         if getattr(adapter, "is_moe", False):
-            raise UserError("loraprune prunes dense decoder layers: peft cannot put LoRA on fused MoE experts; use "
-                            "flap or cfsp for expert channels")
+            raise UserError(MOE_REFUSAL)
         self.check_trainable(ctx)
         steps = cfg.total_steps
         windows = training_windows(cfg, ctx)

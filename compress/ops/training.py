@@ -17,6 +17,40 @@ from compress.errors import UserError
 from compress.model.processes import on_cpu
 
 
+def lora_targets(adapter, target_modules, dropout: float, details: dict, log) -> tuple[list[str], list[str]]:
+    """peft's `target_modules` (leaf names of nn.Linear layers) and `target_parameters` (fused expert banks).
+
+    Dense models: the configured names. Mixture of experts: the experts of a layer are two 3-D tensors
+    (gate_up_proj, down_proj), adapted as banks (one rank-r LoRA per expert, peft's ParamWrapper), the same
+    way in every MoE family. peft's banks take no dropout: with `dropout > 0` the experts stay frozen and
+    the attention trains (logged, `experts_adapted: false` in the report)."""
+    if not getattr(adapter, "is_moe", False):
+        return list(target_modules), []
+    mlp = {adapter.gate_name, adapter.up_name, adapter.down_name}
+    wanted = [name for name in target_modules if name in mlp]
+    modules = [name for name in target_modules if name not in mlp]
+    if not wanted:
+        return modules, []
+    if any(adapter.experts(layer) is None for layer in adapter.layers()):
+        raise UserError("stages: lora on the MLP of a mixture-of-experts model with dense MLP layers is not "
+                        "supported (peft renames the MLP targets to the expert banks); adapt the attention "
+                        "only: target_modules=[q_proj, k_proj, v_proj, o_proj]")
+    if (adapter.gate_name in wanted) != (adapter.up_name in wanted):
+        raise UserError(f"stages: lora target_modules: the experts' gate and up projections are one fused tensor "
+                        f"(gate_up_proj); target both {adapter.gate_name} and {adapter.up_name} or neither")
+    if dropout > 0:
+        details["experts_adapted"] = False
+        log(f"LoRA: the expert banks stay frozen (peft's LoRA on fused experts takes no dropout; "
+        f"dropout={dropout}); set dropout=0 to adapt them")
+        if not modules:
+            raise UserError("stages: lora would adapt nothing: the expert banks need dropout=0")
+        return modules, []
+    details["experts_adapted"] = True
+    banks = (["experts.gate_up_proj"] if adapter.gate_name in wanted else []) + (
+        ["experts.down_proj"] if adapter.down_name in wanted else [])
+    return modules, banks
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up, then cosine decay to zero."""
     if step < warmup:

@@ -1,0 +1,78 @@
+"""Every packaged recipe, run as written (only the amounts of data and training shrunk), exports a folder that
+loads with the lines a transformers user writes: on the real SmolLM2-135M and on every tiny architecture.
+
+The loading lines are tests/test_architectures.py's `load_as_users_do`: AutoTokenizer without remote code;
+AutoModelForCausalLM with trust_remote_code for a per-layer export (and a loud failure without it), without it
+for a uniform one; `pipeline("text-generation")` generates. Perplexity is not measured here (eval.ppl=none):
+quality is docs/benchmarks.md's business; this test is about what a user's loading code meets.
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+import compress
+from tests.conftest import ROOT, TINY_ARCHITECTURES, TINY_MOE_ARCHITECTURES, tiny_model, tiny_tokenizer
+from tests.test_architectures import load_as_users_do
+
+RECIPES = sorted(path.stem for path in (ROOT / "recipes").glob("*.yaml"))
+
+
+def shrunk(recipe: str) -> list[str]:
+    """Overrides that keep the recipe's methods and settings but use little data and few training steps."""
+    stages = yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())["stages"]
+    overrides = ["calibration.num_samples=4", "calibration.seq_len=64", "eval.ppl=none"]
+    for index, stage in enumerate(stages):
+        if "steps" in stage:  # a training stage: LoRA recovery or LoRAPrune
+            overrides += [f"stages.{index}.steps=4", f"stages.{index}.batch_size=2", f"stages.{index}.seq_len=64",
+                          f"stages.{index}.warmup_steps=1"]
+        if "prune_steps" in stage:
+            overrides += [f"stages.{index}.prune_steps=2", f"stages.{index}.prune_every=1"]
+    return overrides
+
+
+def test_every_packaged_recipe_is_covered():
+    assert len(RECIPES) >= 10 and "flap_20" in RECIPES and "sparsegpt_50" in RECIPES, RECIPES
+
+
+def _export_and_load(recipe, overrides, output):
+    report = compress.run(recipe, overrides + [f"output={output}"], progress=False, log=lambda _: None)
+    assert report["export"]["reload_max_abs_logit_diff"] < 1e-3, report["export"]
+    load_as_users_do(output, per_layer=report["export"]["format"] == "per_layer")
+    return report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_packaged_recipe_on_smollm2_loads_with_the_standard_lines(recipe, tmp_path):
+    _export_and_load(recipe, shrunk(recipe) + ["model=smollm2-135m"], tmp_path / "out")
+
+
+@pytest.fixture(scope="module", params=TINY_ARCHITECTURES + TINY_MOE_ARCHITECTURES)
+def tiny_dir(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    tiny_model(request.param).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+# refused before the model loads, with the reason (tests/test_loraprune.py names it)
+REFUSED = {("loraprune_20", model_type): "fused banks" for model_type in TINY_MOE_ARCHITECTURES}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_packaged_recipe_on_every_tiny_architecture_loads_with_the_standard_lines(recipe, tiny_dir, text_files,
+                                                                                 tmp_path):
+    text = text_files["calibration"]
+    overrides = shrunk(recipe) + [f"model={tiny_dir}", f"calibration.path={text}", "calibration.seq_len=32"]
+    for index, stage in enumerate(yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())["stages"]):
+        if "data" in stage:  # training text: the tiny corpus, in short windows
+            overrides += [f"stages.{index}.data.path={text}", f"stages.{index}.seq_len=32"]
+    refusal = REFUSED.get((recipe, tiny_dir.name.rstrip("0123456789")))
+    if refusal is not None:
+        with pytest.raises(compress.errors.UserError, match=refusal):
+            compress.run(recipe, overrides + [f"output={tmp_path / 'out'}"], progress=False, log=lambda _: None)
+        assert not (tmp_path / "out").exists()
+        return
+    _export_and_load(recipe, overrides, tmp_path / "out")
