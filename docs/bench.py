@@ -90,6 +90,17 @@ ROWS = {
     # as flap_50_lora_nockpt)
     "loraprune_50_nockpt": "recipe=loraprune_20 sparsity=0.5 stages.0.gradient_checkpointing=false",
     "loraprune_20_nockpt": "recipe=loraprune_20 stages.0.gradient_checkpointing=false",
+    # ARMOR 2:4 from our SparseGPT 2:4, iterations within a wall-clock budget so that the whole pruning stays
+    # under the official code's 1,292 s (its 250 iterations at block 64): the default (full-Hessian loss on
+    # SparseGPT's Hessians), the paper's diagonal proxy from the same start, the paper's algorithm (NoWag-P start)
+    "armor_2_4_budget": "recipe=armor_2_4 stages.0.time_budget_s=900",
+    "armor_2_4_diagonal_budget": "recipe=armor_2_4 stages.0.hessian=diagonal stages.0.inputs=dense "
+                                 "stages.0.time_budget_s=850",
+    "armor_2_4_paper_budget": "recipe=armor_2_4 stages.0.init=nowag stages.0.hessian=diagonal stages.0.inputs=dense "
+                              "stages.0.time_budget_s=850",
+    "armor_2_4_block32_budget": "recipe=armor_2_4 stages.0.block_size=32 stages.0.time_budget_s=900",
+    # quality against search time (every stack in memory at once, the model measured at each point)
+    "armor_2_4_curve": "recipe=armor_2_4 stages.0.iterations=400 \"stages.0.eval_at=[0, 50, 100, 250, 400]\"",
 }
 
 

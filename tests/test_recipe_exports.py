@@ -27,6 +27,8 @@ def shrunk(recipe: str) -> list[str]:
         if "steps" in stage:  # a training stage: LoRA recovery or LoRAPrune
             overrides += [f"stages.{index}.steps=4", f"stages.{index}.batch_size=2", f"stages.{index}.seq_len=64",
                           f"stages.{index}.warmup_steps=1"]
+        if "iterations" in stage:  # ARMOR's search
+            overrides += [f"stages.{index}.iterations=2"]
         if "prune_steps" in stage:
             overrides += [f"stages.{index}.prune_steps=2", f"stages.{index}.prune_every=1"]
     return overrides
@@ -58,7 +60,8 @@ def tiny_dir(request, tmp_path_factory):
 
 
 # refused before the model loads, with the reason (tests/test_loraprune.py names it)
-REFUSED = {("loraprune_20", model_type): "fused banks" for model_type in TINY_MOE_ARCHITECTURES}
+REFUSED = {(recipe, model_type): "fused banks" for model_type in TINY_MOE_ARCHITECTURES
+           for recipe in ("loraprune_20", "armor_2_4")}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

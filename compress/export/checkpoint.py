@@ -25,7 +25,7 @@ from compress.arch import get_adapter
 from compress.arch.base import Adapter
 from compress.errors import UserError
 from compress.model.loading import load_pruned
-from compress.model.modeling_pruned import PRUNED_PREFIX, attach_zero_bias
+from compress.model.modeling_pruned import PRUNED_PREFIX, FactorizedLinear, attach_zero_bias
 from compress.model.offload import model_device, onloaded
 from compress.ops.masks import follows_nm
 from compress.workdir import fault_point
@@ -78,6 +78,10 @@ def layer_layout(adapter: Adapter) -> list[dict]:
             path for path, linear in ((o_path, adapter.o_proj(layer)), (down_path, adapter.down_proj(layer)))
             if linear.bias is not None
         ]
+        factorized = {name: module.block for name, module in layer.named_modules()
+                      if isinstance(module, FactorizedLinear)}
+        if factorized:  # ARMOR's linears: path -> block size
+            widths["factorized"] = factorized
         layout.append(widths)
     return layout
 
@@ -88,6 +92,8 @@ def _materialize_biases(parent: nn.Module, names: list[str]) -> None:
 
 
 def _stock_config_possible(adapter: Adapter, layout: list[dict]) -> bool:
+    if any(entry.get("factorized") for entry in layout):
+        return False  # no stock class holds a factorized linear
     first = {k: v for k, v in layout[0].items()}
     if any({k: v for k, v in entry.items()} != first for entry in layout[1:]):
         return False
@@ -138,6 +144,9 @@ def _write_per_layer(model, adapter: Adapter, layout: list[dict], folder: Path, 
     config["compress_output_biases"] = {
         str(index): entry["output_biases"] for index, entry in enumerate(layout) if entry["output_biases"]
     }
+    factorized = {str(index): entry["factorized"] for index, entry in enumerate(layout) if entry.get("factorized")}
+    if factorized:
+        config["compress_factorized"] = factorized
     config["compress_base"] = {
         "module": adapter.transformers_module, "model_class": adapter.model_class, "config_class": adapter.config_class,
         "model_type": config["model_type"],

@@ -55,6 +55,8 @@ class SparseGptConfig(WeightStageConfig):
 class SparseGpt(WeightMethod):
     name = "sparsegpt"
     Config = SparseGptConfig
+    # set to a dict by a caller that wants every linear's Hessian (ARMOR): (layer, name) -> E[x x^T], float32 CPU
+    hessians: dict | None = None
 
     def second_moment_stride(self) -> int | None:
         return self.config.token_stride
@@ -74,7 +76,11 @@ class SparseGpt(WeightMethod):
             weights = [linears[name].weight for name in members]
             shared = f" (+{len(members) - 1} sharing its input)" if len(members) > 1 else ""
             label = f"layers.{index}.{members[0]}{shared}"
-            new, _keep = prune_columns(torch.cat([w.detach() for w in weights]), stats[members[0]].second_moment(),
+            hessian = stats[members[0]].second_moment()
+            if self.hessians is not None:
+                kept = hessian.float().cpu()
+                self.hessians.update({(index, name): kept for name in members})
+            new, _keep = prune_columns(torch.cat([w.detach() for w in weights]), hessian,
                                        sparsity, nm, cfg.block_size, cfg.dampening, [w.shape[0] for w in weights],
                                        name=label)
             for weight, part in zip(weights, new.split([w.shape[0] for w in weights])):

@@ -13,6 +13,8 @@ then every decoder layer is rebuilt from its own per-layer view. Per-layer attri
 `compress`: `intermediate_size`, `num_attention_heads`, `num_key_value_heads`. Bias flags for the
 output projections (added by bias compensation) live in `compress_output_biases`. The saved
 `model_type` is `compress_pruned_<base>`, so no stock class is ever built from this config by mistake.
+Linears listed in `compress_factorized` (layer -> dotted path -> block size; ARMOR) are
+`FactorizedLinear`: an N:M core between two block-diagonal matrices.
 
 The three constants below are rewritten by the exporter for the source architecture.
 """
@@ -51,6 +53,42 @@ def attach_zero_bias(parent: nn.Module, name: str) -> None:
         new.weight.copy_(old.weight)
         new.bias.zero_()
     setattr(parent, name, new)
+
+
+class FactorizedLinear(nn.Module):
+    """y = A'(core(B' x)) + bias: an N:M core between two block-diagonal factors (see module doc).
+
+    `weight` is the core (zeros in place), `block_in` B' [in/b, b, b], `block_out` A' [out/b, b, b]."""
+
+    def __init__(self, in_features: int, out_features: int, block: int, bias: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.block = in_features, out_features, block
+        kwargs = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, **kwargs))
+        self.block_in = nn.Parameter(torch.zeros(in_features // block, block, block, **kwargs))
+        self.block_out = nn.Parameter(torch.zeros(out_features // block, block, block, **kwargs))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kwargs)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        shape = x.shape
+        x = x.reshape(*shape[:-1], -1, b)
+        x = torch.einsum("...nj,nij->...ni", x, self.block_in).reshape(shape)  # B' x
+        x = nn.functional.linear(x, self.weight)
+        x = x.reshape(*shape[:-1], -1, b)
+        x = torch.einsum("...nj,nij->...ni", x, self.block_out).reshape(*shape[:-1], self.out_features)
+        return x if self.bias is None else x + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}"
+
+
+def factorize(parent: nn.Module, name: str, block: int) -> None:
+    """Replace `parent.<name>` (a linear) by an empty FactorizedLinear of its shape (weights loaded later)."""
+    old = getattr(parent, name)
+    setattr(parent, name, FactorizedLinear(old.in_features, old.out_features, block, bias=old.bias is not None,
+                                           device=old.weight.device, dtype=old.weight.dtype))
 
 
 def make_classes(base_module: str, base_model_class: str, base_config_class: str):
@@ -97,6 +135,7 @@ def make_classes(base_module: str, base_model_class: str, base_config_class: str
                 config.allow_global_per_layer_attribute_access = had_access
                 logging.set_verbosity(verbosity)
             output_biases = getattr(config, "compress_output_biases", {}) or {}
+            factorized = getattr(config, "compress_factorized", {}) or {}
             layers = self.model.layers
             for index in range(len(layers)):
                 layer_config = config.per_layer_config[index]
@@ -108,6 +147,9 @@ def make_classes(base_module: str, base_model_class: str, base_config_class: str
                 for dotted in output_biases.get(str(index), output_biases.get(index, [])):
                     parent_path, _, leaf = dotted.rpartition(".")
                     attach_zero_bias(new_layer.get_submodule(parent_path), leaf)
+                for dotted, block in factorized.get(str(index), {}).items():
+                    parent_path, _, leaf = dotted.rpartition(".")
+                    factorize(new_layer.get_submodule(parent_path), leaf, block)
                 layers[index] = new_layer
             self.post_init()
 
