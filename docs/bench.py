@@ -113,6 +113,20 @@ def timed(command: list[str]) -> tuple[subprocess.CompletedProcess, float, float
     return result, seconds, int(found.group(1)) / 1024 if found else float("nan")
 
 
+def curve_lines(report: dict) -> list[str]:
+    """A stage's quality-vs-time curve (ARMOR's eval_at) as a table and a mermaid chart (GitHub renders it)."""
+    curve = next((stage["curve"] for stage in report["stages"] if stage.get("curve")), None)
+    if not curve:
+        return []
+    lines = ["| iteration | search s | quick ppl |", "|---|---|---|"]
+    lines += [f"| {point['iteration']} | {point['seconds']:.0f} | {point['ppl']:.2f} |" for point in curve]
+    seconds = ", ".join(str(round(point["seconds"])) for point in curve)
+    ppl = ", ".join(f"{point['ppl']:.2f}" for point in curve)
+    lines += ["", "```mermaid", "xychart-beta", '    title "quick ppl against search seconds"',
+              f'    x-axis "search s" [{seconds}]', '    y-axis "quick ppl"', f"    line [{ppl}]", "```"]
+    return lines
+
+
 def run_row(name: str) -> str:
     output = OUT / name
     if str(MOE_MODEL) in ROWS[name] and not MOE_MODEL.exists():
@@ -129,6 +143,8 @@ def run_row(name: str) -> str:
         digest = hashlib.sha256((output / "model.safetensors").read_bytes()).hexdigest()[:16]
         return (f"| {name} | {report['sparsity']['achieved_decoder_linear']:.2%} | {report['seconds']['prune']:.0f} | "
                 f"{rss_kib / 1024:,.0f} | {report['peak_rss_mib_by_phase']} | {digest} | `{command}` |")
+    for line in curve_lines(report):
+        print(line, flush=True)
     recovery = next((stage for stage in report["stages"] if "ppl_before" in stage), None)
     if recovery is not None:
         return (f"| {name} | {report['sparsity']['achieved_decoder_linear']:.2%} | {ppl['dense']:.2f} | "

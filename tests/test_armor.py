@@ -224,3 +224,15 @@ def test_stack_layers_splits_the_stacks_and_the_export_still_reloads(llama_dir, 
     assert {"self_attn.q_proj 96x96 layers 0-1", "self_attn.q_proj 96x96 layers 2-2"} <= set(stacks)
     assert sum(stack["linears"] for stack in stacks.values()) == 3 * 7
     assert report["export"]["reload_max_abs_logit_diff"] < 1e-4
+
+
+def test_flap_before_armor_with_widths_rounded_to_the_block(llama_dir, text_files, tmp_path):
+    recipe = _recipe(llama_dir, text_files, tmp_path / "out", iterations=3)
+    recipe["stages"].insert(0, {"method": "flap", "sparsity": 0.3, "round_to": 16})
+    report = compress.run(recipe, progress=False, log=lambda _: None)
+    assert report["params"]["decoder_linear_after"] < report["params"]["decoder_linear_before"]
+    assert report["export"]["nm_pattern_verified"] == ["2:4"] and report["export"]["reload_max_abs_logit_diff"] < 1e-4
+    load_as_users_do(tmp_path / "out", per_layer=True)
+    recipe["stages"][0]["round_to"] = 8  # widths the 16-blocks may not divide: refused before loading
+    with pytest.raises(compress.errors.UserError, match="round_to=16"):
+        compress.run(recipe, ["output=" + str(tmp_path / "refused")], progress=False, log=lambda _: None)

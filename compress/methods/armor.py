@@ -83,9 +83,8 @@ class ArmorConfig(StageConfig):
             raise ValueError(str(err)) from None
         if nm is None:
             raise ValueError("armor factorizes an N:M sparse core: set pattern to N:M, e.g. '2:4'")
-        if abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
-            raise ValueError(f"pattern {self.pattern} keeps {nm[0]} of every {nm[1]} weights, i.e. sparsity "
-                             f"{1 - nm[0] / nm[1]:g}; set sparsity={1 - nm[0] / nm[1]:g}")
+        if abs(self.sparsity - (implied := 1 - nm[0] / nm[1])) > 1e-9:
+            raise ValueError(f"pattern {self.pattern} keeps {nm[0]} in {nm[1]}: set sparsity={implied:g}")
         if self.block_size is not None and self.block_size % nm[1]:
             raise ValueError(f"block_size {self.block_size} must be a multiple of M={nm[1]}")
         return self
@@ -94,11 +93,13 @@ class ArmorConfig(StageConfig):
         if view.is_moe:
             raise UserError("armor factorizes dense decoder linears; the experts of a mixture-of-experts (MoE) "
                             "layer are fused banks: use sparsegpt or wanda with pattern=2:4 for them")
-        for later_number, later in enumerate(recipe.stages[number + 1:], number + 1):
-            if later.method != "armor" and (hasattr(later, "round_to") or hasattr(later, "pattern")
-                                            or later.method in ("lora", "loraprune")):
-                raise UserError(f"stage {later_number} ({later.method}) after armor (stage {number}): the "
-                                f"factorized linears are final; put armor last")
+        if recipe.stages[number + 1:]:
+            raise UserError(f"stage {number + 1} ({recipe.stages[number + 1].method}) after armor (stage {number}): "
+                            f"the factorized linears are final; put armor last")
+        for before, earlier in enumerate(recipe.stages[:number]):  # structured widths must fit the blocks
+            if getattr(earlier, "round_to", None) and earlier.round_to % (self.block_size or 32):
+                raise UserError(f"stage {before} ({earlier.method}) may leave MLP widths that no block divides; "
+                                f"set stages.{before}.round_to={self.block_size or 32} (a multiple of the block)")
         widths = [w for key, w in view.input_widths().items() if isinstance(w, int) and key != "head_dim"]
         blocks = [self.block_size] if self.block_size else list(BLOCKS)
         for width in widths:
