@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 import compress
-from tests.conftest import ROOT, TINY_ARCHITECTURES, TINY_MOE_ARCHITECTURES, tiny_model, tiny_tokenizer
-from tests.test_architectures import load_as_users_do
+from tests.conftest import ROOT, TINY_MOE_ARCHITECTURES
+from tests.test_architectures import load_as_users_do, model_dir  # noqa: F401  (model_dir: the fixture of every tiny family)
 
 RECIPES = sorted(path.stem for path in (ROOT / "recipes").glob("*.yaml"))
 
@@ -51,28 +51,20 @@ def test_packaged_recipe_on_smollm2_loads_with_the_standard_lines(recipe, tmp_pa
     _export_and_load(recipe, shrunk(recipe) + ["model=smollm2-135m"], tmp_path / "out")
 
 
-@pytest.fixture(scope="module", params=TINY_ARCHITECTURES + TINY_MOE_ARCHITECTURES)
-def tiny_dir(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    tiny_model(request.param).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
 # refused before the model loads, with the reason (tests/test_loraprune.py names it)
 REFUSED = {(recipe, model_type): "fused banks" for model_type in TINY_MOE_ARCHITECTURES
            for recipe in ("loraprune_20", "armor_2_4")}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_packaged_recipe_on_every_tiny_architecture_loads_with_the_standard_lines(recipe, tiny_dir, text_files,
-                                                                                 tmp_path):
+def test_packaged_recipe_on_every_tiny_architecture_loads_with_the_standard_lines(
+        recipe, model_dir, text_files, tmp_path):  # noqa: F811 (model_dir is the imported fixture)
     text = text_files["calibration"]
-    overrides = shrunk(recipe) + [f"model={tiny_dir}", f"calibration.path={text}", "calibration.seq_len=32"]
+    overrides = shrunk(recipe) + [f"model={model_dir}", f"calibration.path={text}", "calibration.seq_len=32"]
     for index, stage in enumerate(yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())["stages"]):
         if "data" in stage:  # training text: the tiny corpus, in short windows
             overrides += [f"stages.{index}.data.path={text}", f"stages.{index}.seq_len=32"]
-    refusal = REFUSED.get((recipe, tiny_dir.name.rstrip("0123456789")))
+    refusal = REFUSED.get((recipe, model_dir.name.rstrip("0123456789")))
     if refusal is not None:
         with pytest.raises(compress.errors.UserError, match=refusal):
             compress.run(recipe, overrides + [f"output={tmp_path / 'out'}"], progress=False, log=lambda _: None)
