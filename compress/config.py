@@ -20,6 +20,10 @@ class StageConfig(Strict):
     method: str
     sparsity: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of decoder-linear parameters to remove")
 
+    def summary(self) -> str:
+        """The stage in a few words (model card title)."""
+        return f"{self.method} {self.sparsity:.0%}"
+
     def check_model(self, view, number: int, recipe) -> None:
         """Preflight: what this stage can check before any weight is loaded, against the model's config
         (`view`, a compress.arch.config_view.ConfigView), its place `number` and the whole `recipe`.

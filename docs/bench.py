@@ -21,6 +21,8 @@ from pathlib import Path
 
 OUT = Path(os.environ.get("BENCH_DIR", "/tmp/compress-bench"))
 MOE_MODEL = OUT / "smollm2-moe4"  # SmolLM2 upcycled to 4 experts (docs/upcycle_moe.py), built on first use
+MOE8 = OUT / "smollm2-moe8"  # SmolLM2 split into 8 differing experts, top-6 (docs/moefication.py), built on first use
+BUILDERS = {MOE_MODEL: ["upcycle_moe.py"], MOE8: ["moefication.py"]}
 COMMON = "model=smollm2-135m --quiet --overwrite"
 ROWS = {
     "flap_20": "recipe=flap_20 eval.speed=true",
@@ -101,6 +103,25 @@ ROWS = {
     "armor_2_4_block32_budget": "recipe=armor_2_4 stages.0.block_size=32 stages.0.time_budget_s=900",
     # quality against search time (every stack in memory at once, the model measured at each point)
     "armor_2_4_curve": "recipe=armor_2_4 stages.0.iterations=400 \"stages.0.eval_at=[0, 50, 100, 250, 400]\"",
+    # STUN on the MoEfied SmolLM2 (8 experts that differ, top-6): whole experts removed by STUN and by its
+    # baselines at the same count; the dense MoE's ppl is measured once (moe8_stun_25), the others skip it
+    **{f"moe8_{selection}_{percent}": f"recipe=stun_25 model={MOE8} \"stages=[{{method: stun, sparsity: 0.{percent}, "
+                                      f"selection: {selection}}}]\"" + ("" if (selection, percent) == ("stun", 25)
+                                                                         else " eval.dense=false")
+       for percent in (25, 50) for selection in ("stun", "frequency", "reap", "random")},
+    "moe8_stun_25_coactivation": f"recipe=stun_25 model={MOE8} \"stages=[{{method: stun, sparsity: 0.25, "
+                                 f"coactivation: 0.5}}]\" eval.dense=false",
+    "moe8_stun_25_routed": f"recipe=stun_25 model={MOE8} \"stages=[{{method: stun, sparsity: 0.25, "
+                           f"representative: routed}}]\" eval.dense=false",
+    "moe8_stun_25_merge": f"recipe=stun_25 model={MOE8} \"stages=[{{method: stun, sparsity: 0.25, merge: true}}]\" "
+                          f"eval.dense=false",
+    "moe8_stun_25_global": f"recipe=stun_25 model={MOE8} \"stages=[{{method: stun, sparsity: 0.25, budget: global}}]\" "
+                           f"eval.dense=false",
+    # then unstructured inside the experts left, to 50% of the decoder linears in all, against Wanda alone
+    "moe8_stun_25_wanda_50": f"recipe=stun_25 model={MOE8} eval.dense=false",
+    "moe8_wanda_50": f"recipe=wanda_50 model={MOE8} eval.dense=false",
+    "moe8_stun_25_wanda_50_owl": f"recipe=stun_25 model={MOE8} stages.1.owl=true eval.dense=false",
+    "moe8_wanda_50_owl": f"recipe=wanda_50 model={MOE8} stages.0.owl=true eval.dense=false",
 }
 
 
@@ -129,8 +150,9 @@ def curve_lines(report: dict) -> list[str]:
 
 def run_row(name: str) -> str:
     output = OUT / name
-    if str(MOE_MODEL) in ROWS[name] and not MOE_MODEL.exists():
-        subprocess.run([sys.executable, str(Path(__file__).parent / "upcycle_moe.py"), str(MOE_MODEL)], check=True)
+    for model, script in BUILDERS.items():
+        if f"model={model} " in f"{ROWS[name]} " and not model.exists():
+            subprocess.run([sys.executable, str(Path(__file__).parent / script[0]), str(model)], check=True)
     common = COMMON if " model=" not in f" {ROWS[name]}" else COMMON.replace("model=smollm2-135m ", "")
     command = f"compress run {ROWS[name]} {common} output={output}"
     result, _seconds, rss_mib = timed(shlex.split(command))
@@ -139,6 +161,7 @@ def run_row(name: str) -> str:
     rss_kib = rss_mib * 1024
     report = json.loads((output / "report.json").read_text())
     ppl, speed = report["ppl"], report["speed"]
+    dense = "–" if ppl.get("dense") is None else f"{ppl['dense']:.2f}"  # eval.dense=false: measured in another row
     if "pruned" not in ppl:  # no evaluation: memory and identity of the weights
         digest = hashlib.sha256((output / "model.safetensors").read_bytes()).hexdigest()[:16]
         return (f"| {name} | {report['sparsity']['achieved_decoder_linear']:.2%} | {report['seconds']['prune']:.0f} | "
@@ -147,20 +170,29 @@ def run_row(name: str) -> str:
         print(line, flush=True)
     recovery = next((stage for stage in report["stages"] if "ppl_before" in stage), None)
     if recovery is not None:
-        return (f"| {name} | {report['sparsity']['achieved_decoder_linear']:.2%} | {ppl['dense']:.2f} | "
+        return (f"| {name} | {report['sparsity']['achieved_decoder_linear']:.2%} | {dense} | "
                 f"{recovery['ppl_before']:.2f} | {ppl['pruned']:.2f} | {recovery['trainable_params']:,} | "
                 f"{recovery['train_seconds'] / 60:.1f} | {report['seconds']['prune'] / 60:.1f} | "
                 f"{rss_kib / 1024:,.0f} | `{command}` |")
+    experts = next((stage for stage in report["stages"] if "experts_after" in stage), None)
+    if experts is not None:  # expert removal (STUN and its baselines), maybe with a weight stage after it
+        removed = experts.get("routed_picks_removed")
+        zeros = report["sparsity"]["zero_fraction_decoder_linear"]
+        removed_params = report["sparsity"]["achieved_decoder_linear"]
+        return (f"| {name} | {experts['config']['selection']} | {experts['experts_after']} of "
+                f"{experts['experts_before']} | {'–' if removed is None else f'{removed:.1%}'} | "
+                f"{removed_params:.2%} | {removed_params + (1 - removed_params) * zeros:.2%} | {dense} | "
+                f"{ppl['pruned']:.2f} | {report['seconds']['prune']:.0f} | {rss_kib / 1024:,.0f} | `{command}` |")
     if any("pattern" in stage for stage in report["stages"]):
         return (f"| {name} | {report['sparsity']['achieved_decoder_linear']:.2%} | "
-                f"{report['sparsity']['zero_fraction_decoder_linear']:.2%} | {ppl['dense']:.2f} | "
+                f"{report['sparsity']['zero_fraction_decoder_linear']:.2%} | {dense} | "
                 f"{ppl['pruned']:.2f} | {report['seconds']['prune']:.0f} | {rss_kib / 1024:,.0f} | `{command}` |")
     ratio = (f"{speed['forward_speedup']:.2f} / {speed['generate_speedup']:.2f}" if "forward_speedup" in speed else "–")
     prune = f"{report['seconds']['prune']:.0f}"
     if report["seconds"]["calibration_data"] > 10:  # self-generated calibration text: say what it cost
         prune += f" (of which generation {report['seconds']['calibration_data']:.0f})"
     return (f"| {name} | {report['sparsity']['achieved_decoder_linear']:.2%} | {report['params']['total_after']:,} | "
-            f"{ppl['dense']:.2f} | {ppl['pruned']:.2f} | {prune} | {rss_kib / 1024:,.0f} | "
+            f"{dense} | {ppl['pruned']:.2f} | {prune} | {rss_kib / 1024:,.0f} | "
             f"{ratio} | `{command}` |")
 
 
@@ -170,6 +202,8 @@ if __name__ == "__main__":
           "speed fwd / gen | command |")
     print("recovery rows: | row | sparsity | dense ppl | before | after | LoRA params | train min | whole prune+train "
           "min | peak RSS MiB | command |")
+    print("expert rows: | row | selection | experts left | routed picks removed | params removed | removed + zeros | "
+          "dense ppl | pruned ppl | prune s | peak RSS MiB | command |")
     print("weight-level rows: | row | params removed | zeros in decoder linears | dense ppl | pruned ppl | prune s | "
           "peak RSS MiB | command |")
     for row in sys.argv[1:] or ROWS:

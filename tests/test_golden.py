@@ -86,23 +86,23 @@ GOLDEN: dict[str, dict[str, str]] = {
     },
     "wanda-50": {
         "model.safetensors": "0b6f0a0a427172b9689c6fe3414541b0749c5bd5efcfc8c30c8ac117cfa564bf",
-        "report.json": "2bd21a78bbf466b98ab852feaa3d00c168289890d1a74159ca2bac068977e1c8",
+        "report.json": "d292c4a6949d2b02c3880f58763ed5646c190099842e7506b4ff3713b650457c",
     },
     "wanda-2:4": {
         "model.safetensors": "e05a9b126d01d554b32dae9ecb9dc7f3b9fa964ecb57652f9a45a3287dc30801",
-        "report.json": "b9b79c0addfa04f5bec2b9458d0d457b6b1022742120f4324023c28a82091c72",
+        "report.json": "405d237dd54709f7eea2d72db11a30d29abc736d1034e758a2ddbf8bbe035f7c",
     },
     "magnitude-2:4": {
         "model.safetensors": "86af6c29ce35c9fdbc329463c6a27e8773774933139f7d012cecbb5e54092298",
-        "report.json": "d56e5416d638946da1252588290ff002ef3a77bd1178d09adb78dff2dbaeb393",
+        "report.json": "d0260a9fb36e8f5e7a4aa715f02f67daa66f553599e69b48b05c01457b8a18fe",
     },
     "gblm-2:4": {
         "model.safetensors": "db25bbbe16d260beb8629b6e9b356f662472ab763605511b802d7720b8520c4f",
-        "report.json": "ccdd5863a287e40d03fff2a3715d11431494b0152c607c5843e7e1d8fafd6d52",
+        "report.json": "618edf4c9d1ca732b3efa5c3b0e6bd0297a51e6ab7214c26b08dd09f40558d31",
     },
     "flap+wanda-2:4": {
         "model.safetensors": "bb4fc695bd2d333a2033a1d95ac993d53051de80ff5793121e2dbc0d56068b00",
-        "report.json": "a9db9a0a588206a286de5a16181b3c0cfbb5a0b70c70e1e3944210483af2938d",
+        "report.json": "fb158fb91a79dd16a5ffb59a6ef7587d4564df61d83d70fa2302df1cd121388a",
     },
     "flap+lora": {
         "model.safetensors": "d6e3f76805547f6529662b8a3eba984fbfa8b19a7791d1cd04a07d9e7842e99e",
@@ -115,23 +115,23 @@ GOLDEN: dict[str, dict[str, str]] = {
     },
     "moe-flap": {
         "model.safetensors": "a0c6bd5be30fb3d6d74d4001a380b91dea02f80b8dc2bcc34a311adf70893034",
-        "report.json": "a3fe7dec68e9d946bbd03b38a9926892c8519d36db89e4f35e8e0d8436166d86",
+        "report.json": "8780146d503ee5596c93628a5c987f142661be019271886b4c82df3586760d3b",
     },
     "moe-wanda": {
         "model.safetensors": "f7b9482bd726f325c60a5361120eb4c41e1bf8ebbb401bed84cf0baed4387d87",
-        "report.json": "4401c88181728e19eba7a30a7723e7398b537a0cb71b67a105797372799b1497",
+        "report.json": "015585fa29ea814e088a6e75c841db50a231a35614a8b4071ca2990cbf31f2bf",
     },
     "sparsegpt-50": {
         "model.safetensors": "d182915c6eda351eeb90b503f4d2a18cc2e2f05ef8da9085f6a2f3ba7dfe5ce8",
-        "report.json": "95bc3863c2745f58ebff06f629c399fc6063828106205cd65d42ec1bd2596964",
+        "report.json": "6a5dde5783f26a7af699ade11fef1db49d72416eb19ef807e4a2d24e509e8527",
     },
     "sparsegpt-2:4": {
         "model.safetensors": "7028c04e88bdf9b6d48e2bfbdbc58c4518d2d6427e4411fa902e6ffe8e1fff2b",
-        "report.json": "cb4731b12837abba7c5b32803ee72b45fab1f5aa67ba1e368c89e2428f471bfe",
+        "report.json": "375e56b9f7a10a1d586fba868dfedd216ff56d326edc901aea2510f778bd1890",
     },
     "moe-sparsegpt-2:4": {
         "model.safetensors": "bdc42f1cc6a8ca4739d4d2db61a3f0be2f4d036eeae45c852c41c7dbc182dcfe",
-        "report.json": "6790441dbb5d98d9fb5f5dca9b30c3ffa43978f828e6907494e97599aa3a3a89",
+        "report.json": "9b4486c1de64b5a00604778504b6090c09126cfa7955fda267e7fc247190998c",
     },
     "offload-flap": {
         "model.safetensors": "fab4c9f899002ccbd8a0f7300eaf43e97db886b349eff7623a9cfd746b2fc954",

@@ -206,3 +206,4 @@ def test_lora_on_only_one_of_the_fused_gate_and_up_is_refused(text_files, tmp_pa
     stage = _lora(text_files, dropout=0.0, target_modules=["q_proj", "gate_proj"])
     with pytest.raises(compress.errors.UserError, match="gate_up_proj"):
         compress.run(recipe(model_dir, text_files, tmp_path / "out", [stage]), progress=False, log=lambda _: None)
+

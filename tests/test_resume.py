@@ -28,6 +28,12 @@ SCENARIOS = {
     # stages restore sliced fused expert tensors
     "mixtral-flap+wanda_sp": ([{"method": "flap", "sparsity": 0.3}, {"method": "wanda_sp", "sparsity": 0.2}],
                               ["stage-0/result.safetensors", "stage-1/layer-0001.safetensors"], "mixtral"),
+    # STUN: routing statistics per layer, layers before the resumed depth pruned again from them; the
+    # finished stage's fewer experts and router rows restored before the weight stage resumes
+    "mixtral-stun+wanda": ([{"method": "stun", "experts_to_keep": 3}, {"method": "wanda", "sparsity": 0.5}],
+                           ["stage-0/layer-0001.safetensors", "stage-1/layer-0001.safetensors"], "mixtral"),
+    "qwen3_moe-stun-global": ([{"method": "stun", "sparsity": 0.25, "budget": "global"}],
+                              ["stage-0/layer-0002.safetensors", "export:staged"], "qwen3_moe"),
     # OLMoE (attention kept whole): scores of units that cannot be removed are saved and restored as such
     "olmoe-flap": ([{"method": "flap", "sparsity": 0.3}], ["stage-0/layer-0002.safetensors"], "olmoe"),
 }

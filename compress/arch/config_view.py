@@ -19,9 +19,14 @@ class ConfigView:
         return self.config is not None
 
     @property
+    def experts(self) -> int:
+        """Experts per MoE layer (1 for a dense model, or when unknown)."""
+        return int(self.text.get("num_local_experts") or self.text.get("num_experts") or 1)
+
+    @property
     def is_moe(self) -> bool:
         """The config names more than one expert per layer (False when unknown)."""
-        return int(self.text.get("num_local_experts") or self.text.get("num_experts") or 1) > 1
+        return self.experts > 1
 
     def check_context_length(self, key: str, length: int) -> None:
         limit = self.text.get("max_position_embeddings")

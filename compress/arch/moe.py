@@ -9,14 +9,15 @@ the checkpoint's own tensors). Inside `routed_experts(...)` (the run, from load 
 layer the capture runs) the experts' forward is an equivalent routed loop that calls these views,
 so the capture's statistic hooks see exactly the tokens the router sends to each expert (weighted
 sums and routing unchanged); the stock forward is back afterwards. An expert that receives no calibration token
-has no statistics: weight-level methods leave it as it is and report it. The router is never
-touched here.
+has no statistics: weight-level methods leave it as it is and report it. Only `keep_experts` /
+`set_experts` change the router (its rows go with the experts they route to).
 
 Weight-level methods (Wanda, magnitude, with OWL and N:M) mask experts' weights. Structured
 methods (FLAP, Wanda-sp, CFSP) remove expert channels: the fused layout needs one width per
 layer, so every expert of a layer keeps the same number of channels, each expert its own best
-ones (see `compress.methods.base.StructuredMethod.expert_scores`). Removing whole experts (STUN)
-is not supported yet. GBLM's gradients are taken on the fused tensors and cut back per expert
+ones (see `compress.methods.base.StructuredMethod.expert_scores`). Whole experts are removed by
+`keep_experts` (STUN, `compress.methods.stun`): the fused tensors and the router rows keep the chosen
+experts, and the router's top-k never exceeds the experts left. GBLM's gradients are taken on the fused tensors and cut back per expert
 (`calibration.gradients.trainable_targets`).
 """
 
@@ -117,6 +118,47 @@ def set_expert_weights(experts: nn.Module, gates, ups, downs) -> None:
         experts.forward = _routed_forward(experts, expert_linears(experts))
 
 
+def keep_experts(adapter, layer: nn.Module, kept, gate_up: torch.Tensor | None = None,
+                 down: torch.Tensor | None = None, router_rows: torch.Tensor | None = None) -> None:
+    """Keep only the experts `kept` (indices, in order) of an MoE layer, in place.
+
+    The fused tensors and the router rows are cut to those experts (or replaced by `gate_up` [E', 2w,
+    hidden], `down` [E', hidden, w] and `router_rows` [E', hidden] when the caller merged experts).
+    Routers that renormalise the top-k weights (Mixtral; Qwen3-MoE by default) only change which
+    experts a token picks; without renormalisation (OLMoE) the softmax over fewer experts also gives
+    the kept ones more weight, by 1 / (1 - the probability the removed ones had)."""
+    experts, router = adapter.experts(layer), adapter.router(layer)
+    kept = torch.as_tensor(kept, dtype=torch.long)
+    with torch.no_grad():
+        gate_up = experts.gate_up_proj[kept.to(experts.gate_up_proj.device)] if gate_up is None else gate_up
+        down = experts.down_proj[kept.to(experts.down_proj.device)] if down is None else down
+        rows = router.weight[kept.to(router.weight.device)] if router_rows is None else router_rows
+    width = gate_up.shape[1] // 2
+    set_experts(adapter, layer, list(gate_up[:, :width]), list(gate_up[:, width:]), list(down), rows)
+
+
+def set_experts(adapter, layer: nn.Module, gates, ups, downs, router_rows: torch.Tensor) -> None:
+    """Give an MoE layer these experts (any count, any one width) and router rows, in place: the routing
+    softmax runs over the experts given, and top-k becomes min(top-k, experts)."""
+    experts, router = adapter.experts(layer), adapter.router(layer)
+    set_expert_weights(experts, gates, ups, downs)
+    old = router.weight
+    if router_rows.shape == old.shape:
+        with torch.no_grad():
+            old.copy_(router_rows.to(old.dtype))
+    else:
+        router.weight = nn.Parameter(router_rows.to(old.device, old.dtype).contiguous(),
+                                     requires_grad=old.requires_grad)
+    count = len(downs)
+    for module in (experts, router):
+        if hasattr(module, "num_experts"):
+            module.num_experts = count
+    top_k = min(router.top_k, count)
+    for module in (router, adapter.mlp(layer)):
+        if hasattr(module, "top_k"):
+            module.top_k = top_k
+
+
 def _routed_forward(experts: nn.Module, linears):
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         final = torch.zeros_like(hidden_states)
@@ -125,7 +167,9 @@ def _routed_forward(experts: nn.Module, linears):
             if token_index.numel() == 0:
                 continue
             state = hidden_states[token_index]
-            output = down(experts.act_fn(gate(state)) * up(state)) * top_k_weights[token_index, position, None]
+            weights = top_k_weights[token_index, position, None]
+            down.routing_weights = weights  # what hooks on the view may read: its tokens' routing weights
+            output = down(experts.act_fn(gate(state)) * up(state)) * weights
             final.index_add_(0, token_index, output.to(final.dtype))
         return final
     return forward
@@ -138,8 +182,23 @@ class MoeAdapter(Adapter):
     bias_flags: dict[str, str] = {}
     width_key = "intermediate_size"  # config key of one expert's width
 
+    experts_key = "num_local_experts"  # config key of the number of experts per layer
+    router_name = "gate"  # the router inside the MoE block
+
     def experts(self, layer: nn.Module) -> nn.Module | None:
         return getattr(self.mlp(layer), "experts", None)
+
+    def router(self, layer: nn.Module) -> nn.Module:
+        """The layer's router (`mlp.gate`: `weight` [experts, hidden], `top_k`)."""
+        return getattr(self.mlp(layer), self.router_name)
+
+    def layer_widths(self, layer: nn.Module) -> dict:
+        widths = super().layer_widths(layer)
+        experts = self.experts(layer)
+        if experts is not None:  # the config keys of an MoE layer's expert count and top-k
+            widths["experts"] = {self.experts_key: experts.gate_up_proj.shape[0],
+                                 "num_experts_per_tok": self.router(layer).top_k}
+        return widths
 
     def decoder_linears(self, layer: nn.Module) -> dict[str, nn.Module]:
         experts = self.experts(layer)
@@ -213,6 +272,7 @@ class OlmoeAdapter(MoeAdapter):
     # q_norm / k_norm normalise the whole query / key projection (sized from hidden_size), not
     # each head: fewer heads would change the surviving heads' outputs and cannot be configured
     attention_prunable = False
+    experts_key = "num_experts"
     transformers_module = "transformers.models.olmoe.modeling_olmoe"
     model_class = "OlmoeForCausalLM"
     config_class = "OlmoeConfig"

@@ -11,8 +11,7 @@ from compress.recipe import Recipe
 def model_card(recipe: Recipe, report: dict) -> str:
     ppl = report["ppl"]
     params = report["params"]
-    stages = ", ".join(f"{s.method} {s.sparsity:.0%}" if METHODS[s.method].prunes else f"{s.method} recovery"
-                       for s in recipe.stages)
+    stages = ", ".join(s.summary() if METHODS[s.method].prunes else f"{s.method} recovery" for s in recipe.stages)
     load = ("from transformers import AutoModelForCausalLM\n"
             "model = AutoModelForCausalLM.from_pretrained(\"PATH\""
             f"{', trust_remote_code=True' if report['export']['trust_remote_code_needed'] else ''})")

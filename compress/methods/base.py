@@ -90,6 +90,7 @@ class StageContext:
     evaluate: callable = None  # (label) -> perplexity of the model as it is now, under the recipe's eval
     previous: list[StageResult] = field(default_factory=list)  # the stages that ran before this one
     artifacts: dict = field(default_factory=dict)  # extra files for the export: relative path -> bytes | str
+    linear_before: int | None = None  # decoder-linear parameters of the model as loaded (before any stage)
 
 
 class Method(ABC):

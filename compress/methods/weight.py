@@ -16,7 +16,9 @@ from torch import nn
 from calibration.stats import ChannelStats, input_stats
 from compress.methods.base import Method, StageContext
 from compress.ops.masks import apply_mask, make_mask, zero_fraction
+from compress.errors import UserError
 from compress.ops.slicing import (
+    decoder_linear_params,
     layer_linear_tensors,
     set_layer_linears,
 )
@@ -123,11 +125,26 @@ class WeightMethod(Method):
                       for name, linear in ctx.adapter.decoder_linears(layer).items()]
             flat = torch.cat(scores)
             ratios.append(float((flat > cfg.owl_threshold * flat.mean()).float().mean()))
-        return owl_allocation(ratios, cfg.sparsity, cfg.owl_lambda)
+        return owl_allocation(ratios, self.sparsity, cfg.owl_lambda)
+
+    def stage_sparsity(self, ctx: StageContext) -> float:
+        """The share of zeros this stage puts in the weights it sees (`sparsity_of: model` converts the target)."""
+        cfg = self.config
+        if getattr(cfg, "sparsity_of", "stage") == "stage" or not ctx.linear_before:
+            return cfg.sparsity
+        now, before = decoder_linear_params(ctx.adapter), ctx.linear_before
+        sparsity = (cfg.sparsity * before - (before - now)) / now
+        if sparsity < 0:
+            raise UserError(f"{cfg.method}: earlier stages already removed {1 - now / before:.1%} of the decoder-linear "
+                            f"parameters, more than sparsity={cfg.sparsity:g} of the model; raise it or set "
+                            f"sparsity_of=stage")
+        ctx.log(f"{cfg.method}: {sparsity:.2%} of the remaining weights make {cfg.sparsity:.0%} of the model's")
+        return sparsity
 
     def run(self, ctx: StageContext) -> dict:
 
         cfg, adapter, folder = self.config, ctx.adapter, ctx.folder
+        self.sparsity = self.stage_sparsity(ctx)
         self.prepare(ctx)
         sparsities = None
         if getattr(cfg, "owl", False):
@@ -158,7 +175,7 @@ class WeightMethod(Method):
         dense_inputs = getattr(cfg, "inputs", "sequential") == "dense"
         for index, layer, stats in self.layer_statistics(ctx, advance=dense_inputs, resume=resume,
                                                          after_layer=save_progress):
-            sparsity = cfg.sparsity if sparsities is None else sparsities[index]
+            sparsity = self.sparsity if sparsities is None else sparsities[index]
             linears = adapter.decoder_linears(layer)
             idle = [name for name in linears if name in stats and stats[name].count == 0]
             untouched += [f"layers.{index}.{name}" for name in idle]  # experts the router never chose
@@ -166,6 +183,8 @@ class WeightMethod(Method):
             self.prune_layer(index, active, adapter.input_groups(layer), stats, sparsity)
             zeros.update({f"layers.{index}.{name}": zero_fraction(linears[name].weight) for name in [*active, *idle]})
         details = {"pattern": cfg.pattern, "zero_fraction_per_linear": zeros}
+        if self.sparsity != cfg.sparsity:
+            details["stage_sparsity"] = self.sparsity
         if untouched:
             details["untouched_no_calibration_tokens"] = untouched
             ctx.log(f"{len(untouched)} expert linears received no calibration tokens and were left as they are")

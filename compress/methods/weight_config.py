@@ -19,6 +19,10 @@ class WeightStageConfig(StageConfig):
         False, description="inputs: sequential only: prune q/k/v, o, the MLP inputs and down in turn, each "
                            "measured on the layer with the earlier ones already pruned (partial passes; the "
                            "attention is replayed from o_proj's kept inputs)")
+    sparsity_of: Literal["stage", "model"] = Field(
+        "stage", description="stage: sparsity is the share of zeros in the weights this stage sees; model: the "
+                             "share of the original model's decoder-linear parameters gone after it, counting "
+                             "what earlier structured stages removed (e.g. experts), so a total is one number")
     owl: bool = Field(False, description="non-uniform layer sparsity from outlier ratios (OWL), unstructured only")
     owl_lambda: float = Field(0.08, gt=0.0, lt=0.5, description="OWL: layer sparsities stay within target +- lambda")
     owl_threshold: float = Field(5.0, gt=1.0, description="OWL: outlier = score above this multiple of the layer mean")
@@ -40,6 +44,9 @@ class WeightStageConfig(StageConfig):
         if self.within_layer and self.inputs == "dense":
             raise ValueError("within_layer=true measures each level on the pruned layer, inputs=dense on the dense "
                              "model: choose one")
+        if self.sparsity_of == "model" and nm is not None:
+            raise ValueError(f"pattern {self.pattern} fixes this stage's own sparsity; sparsity_of=model is for "
+                             f"unstructured stages")
         if self.owl and nm is not None:
             raise ValueError(f"owl=true sets a different sparsity per layer, which pattern {self.pattern} fixes at "
                              f"{1 - nm[0] / nm[1]:g}; use pattern=unstructured with owl")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from compress.arch.base import Adapter, AttentionShape
-from compress.arch.moe import expert_linears, set_expert_weights
+from compress.arch.moe import expert_linears, set_expert_weights, set_experts
 from compress.model.memory import release_file_pages
 from compress.ops.obs import remove_inputs
 
@@ -196,6 +196,8 @@ def decoder_linear_params(adapter: Adapter) -> int:
 def layer_linear_tensors(adapter: Adapter, layer: nn.Module) -> dict[str, torch.Tensor]:
     """Weights and biases of a layer's decoder linears, keyed `name.weight` / `name.bias`."""
     tensors = {}
+    if adapter.experts(layer) is not None:  # the router too: a stage may have removed experts
+        tensors[f"{adapter.mlp_name}.{adapter.router_name}.weight"] = adapter.router(layer).weight.detach()
     for name, linear in adapter.decoder_linears(layer).items():
         tensors[f"{name}.weight"] = linear.weight.detach()
         if linear.bias is not None:
@@ -209,9 +211,14 @@ def set_layer_linears(adapter: Adapter, layer: nn.Module, tensors: dict[str, tor
     if experts is not None:
 
         prefix = f"{adapter.mlp_name}.experts"
-        count = len(expert_linears(experts))
-        set_expert_weights(experts, *([tensors[f"{prefix}.{e}.{kind}.weight"] for e in range(count)]
-                                      for kind in ("gate_proj", "up_proj", "down_proj")))
+        count = sum(1 for key in tensors if key.startswith(f"{prefix}.") and key.endswith(".down_proj.weight"))
+        weights = ([tensors[f"{prefix}.{e}.{kind}.weight"] for e in range(count)]
+                   for kind in ("gate_proj", "up_proj", "down_proj"))
+        router = tensors.get(f"{adapter.mlp_name}.{adapter.router_name}.weight")
+        if router is None:
+            set_expert_weights(experts, *weights)
+        else:
+            set_experts(adapter, layer, *weights, router)
     for name, linear in adapter.decoder_linears(layer).items():
         if experts is not None and name.startswith(f"{adapter.mlp_name}.experts."):
             continue

@@ -49,7 +49,7 @@ def _run_stage(state, number: int, stage, folder) -> tuple[dict, dict]:
     ctx = StageContext(adapter=adapter, new_capture=new_capture, log=state.log, windows=windows,
                        make_bar=make_bar, folder=folder, tokenizer=state.tokenizer,
                        evaluate=state.evaluate if state.recipe.eval.ppl != "none" else None,
-                       previous=list(state.results), artifacts={})
+                       previous=list(state.results), artifacts={}, linear_before=state.report.get("linear_before"))
     try:
         details = METHODS[stage.method](stage).run(ctx) or {}
     finally:
