@@ -113,6 +113,9 @@ ROWS = {
                                  f"coactivation: 0.5}}]\" eval.dense=false",
     "moe8_stun_25_routed": f"recipe=stun_25 model={MOE8} \"stages=[{{method: stun, sparsity: 0.25, "
                            f"representative: routed}}]\" eval.dense=false",
+    **{f"moe8_stun_{percent}_reap_representative": f"recipe=stun_25 model={MOE8} \"stages=[{{method: stun, "
+                                                   f"sparsity: 0.{percent}, representative: reap}}]\" eval.dense=false"
+       for percent in (25, 50)},
     "moe8_stun_25_merge": f"recipe=stun_25 model={MOE8} \"stages=[{{method: stun, sparsity: 0.25, merge: true}}]\" "
                           f"eval.dense=false",
     "moe8_stun_25_global": f"recipe=stun_25 model={MOE8} \"stages=[{{method: stun, sparsity: 0.25, budget: global}}]\" "

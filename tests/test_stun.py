@@ -63,6 +63,23 @@ def test_stun_removes_exactly_the_planted_duplicates_and_the_output_moves_less_t
     assert any(sorted(k % 3 for k in entry["kept"]) != [0, 1, 2] for entry in frequency["stages"][0]["layers"].values())
 
 
+def test_a_cluster_keeps_the_representative_the_option_names(text_files, tmp_path):
+    model = duplicated_mixtral(0.01)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.experts.down_proj[3] *= 3.0  # the copy of expert 0 contributes 3x as much per token
+    model_dir = save(model, tmp_path / "model")
+    for representative in ("reap", "routed"):
+        report = run(model_dir, text_files, tmp_path / representative,
+                     [{"method": "stun", "experts_to_keep": 3, "representative": representative}])
+        for entry in report["stages"][0]["layers"].values():
+            assert entry["clusters"][0] == [0, 3]
+            tokens = entry["routed_tokens"]
+            assert tokens[0] > 0 and tokens[3] > 0
+            expected = 3 if representative == "reap" else (0 if tokens[0] >= tokens[3] else 3)
+            assert entry["kept"][0] == expected, (representative, entry)
+
+
 def test_a_layer_cut_below_top_k_routes_to_every_expert_left_and_exports_the_stock_config(text_files, tmp_path):
     model_dir = save(tiny_model("mixtral"), tmp_path / "model")  # 4 experts, top-2
     output = tmp_path / "out"

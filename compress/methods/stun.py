@@ -61,8 +61,9 @@ class StunConfig(StageConfig):
     selection: Literal["stun", "frequency", "reap", "random"] = "stun"
     coactivation: float = Field(0.0, ge=0.0, le=1.0, description="STUN's lambda: weight of co-activation against "
                                                                  "router-row distance")
-    representative: Literal["centroid", "routed"] = Field(
-        "centroid", description="the expert a cluster keeps: closest to the weight centroid, or most routed-to")
+    representative: Literal["centroid", "routed", "reap"] = Field(
+        "centroid", description="the expert a cluster keeps: closest to the weight centroid, most routed-to, or "
+                                "the highest REAP saliency")
     merge: bool = Field(False, description="replace a cluster by the routing-share mean of its members instead")
     min_experts: int = Field(1, ge=1, description="experts always kept in every layer")
     inputs: Literal["sequential", "dense"] | None = Field(
@@ -265,6 +266,8 @@ class Stun(Method):
             return group[0]
         if self.config.representative == "routed":
             return group[int(torch.argmax(stats.counts[group]))]
+        if self.config.representative == "reap":
+            return group[int(torch.argmax(stats.reap_mean()[group]))]
         # ||w_m - centroid||^2 from the members' inner products (float32 products, float64 sums)
         gram = 0
         for tensor in (experts.gate_up_proj.detach(), experts.down_proj.detach()):
