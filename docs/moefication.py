@@ -40,12 +40,15 @@ from pathlib import Path
 
 import torch
 from scipy.optimize import linear_sum_assignment
-from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+from transformers import AutoTokenizer, MixtralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from calibration.data import sample_windows, tokenize_text  # noqa: E402
 from calibration.datasets import named_text  # noqa: E402
 from compress.model.loading import builtin_folder, load_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from upcycle_moe import load_moe_state, mixtral_config  # noqa: E402  (the same Mixtral layout as the upcycled MoE)
 
 ALPHAS = (0.01, 0.1, 0.3, 1.0, 3.0)
 
@@ -123,23 +126,13 @@ def routing_facts(router: torch.Tensor, x: torch.Tensor, norms: torch.Tensor, ou
             "router_row_cosine_max": router_cos[off].max().item()}
 
 
-def mixtral_config(dense_config, experts: int, top_k: int) -> MixtralConfig:
-    c = dense_config
-    return MixtralConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size // experts,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_act=c.hidden_act,
-        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-        rope_parameters=dict(c.rope_parameters), tie_word_embeddings=c.tie_word_embeddings,
-        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
-        num_local_experts=experts, num_experts_per_tok=top_k, sliding_window=None, router_jitter_noise=0.0)
-
-
 def mlp_inputs(dense, windows: torch.Tensor, tokens: int) -> list[torch.Tensor]:
     """Each decoder layer's MLP input on `windows`, `tokens` rows evenly strided."""
     kept = [[] for _ in dense.model.layers]
-    handles = [layer.mlp.register_forward_pre_hook(lambda _m, args, i=i: kept[i].append(args[0].reshape(-1, args[0].shape[-1])))
-               for i, layer in enumerate(dense.model.layers)]
+    def keep(index):
+        return lambda _module, args: kept[index].append(args[0].reshape(-1, args[0].shape[-1]))
+
+    handles = [layer.mlp.register_forward_pre_hook(keep(i)) for i, layer in enumerate(dense.model.layers)]
     try:
         with torch.no_grad():
             for start in range(0, len(windows), 4):
@@ -154,8 +147,7 @@ def mlp_inputs(dense, windows: torch.Tensor, tokens: int) -> list[torch.Tensor]:
 
 def moefy(dense, windows: torch.Tensor, experts: int, top_k: int, tokens: int, seed: int, log=print):
     """(Mixtral with unit-temperature router, scaled experts; per-layer facts) from a dense Llama-family model."""
-    config = mixtral_config(dense.config, experts, top_k)
-    moe = MixtralForCausalLM(config)
+    moe = MixtralForCausalLM(mixtral_config(dense.config, experts, top_k, dense.config.intermediate_size // experts))
     state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
     facts = []
     with torch.no_grad():
@@ -169,11 +161,7 @@ def moefy(dense, windows: torch.Tensor, experts: int, top_k: int, tokens: int, s
             facts.append(routing_facts(router, data["x"], data["norms"], data["outputs"], top_k))
             log(f"layer {i}: router recall {facts[-1]['router_top_k_recall']:.2f}, "
                 f"expert output cosine {facts[-1]['expert_output_cosine_mean']:.3f}")
-    missing, unexpected = moe.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not dense.config.tie_word_embeddings]
-    if missing or unexpected:
-        raise SystemExit(f"MoEfication failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    moe.tie_weights()
+    load_moe_state(moe, state, dense.config.tie_word_embeddings, "MoEfication")
     return moe, facts
 
 
@@ -185,7 +173,8 @@ def set_alpha(moe, alpha: float, previous: float = 1.0) -> None:
 
 def held_out_loss(model, windows: torch.Tensor) -> float:
     with torch.no_grad():
-        return sum(model(input_ids=w[None], labels=w[None], use_cache=False).loss.item() for w in windows) / len(windows)
+        losses = [model(input_ids=w[None], labels=w[None], use_cache=False).loss.item() for w in windows]
+    return sum(losses) / len(losses)
 
 
 def main() -> None:

@@ -26,17 +26,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from compress.model.loading import builtin_folder, load_model  # noqa: E402
 
 
-def upcycle(dense, experts: int, top_k: int, seed: int) -> MixtralForCausalLM:
-    c = dense.config
-    config = MixtralConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+def mixtral_config(dense_config, experts: int, top_k: int, width: int) -> MixtralConfig:
+    """A Mixtral config with the dense Llama-family model's attention and `experts` experts of `width`."""
+    c = dense_config
+    return MixtralConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=width,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_act=c.hidden_act,
         max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
         rope_parameters=dict(c.rope_parameters), tie_word_embeddings=c.tie_word_embeddings,
         bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
         num_local_experts=experts, num_experts_per_tok=top_k, sliding_window=None, router_jitter_noise=0.0)
-    moe = MixtralForCausalLM(config)
+
+
+def load_moe_state(moe: MixtralForCausalLM, state: dict, tied: bool, what: str) -> None:
+    """Load every tensor of the built MoE (the tied lm_head aside), or stop naming what is missing."""
+    missing, unexpected = moe.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not tied]
+    if missing or unexpected:
+        raise SystemExit(f"{what} failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    moe.tie_weights()
+
+
+def upcycle(dense, experts: int, top_k: int, seed: int) -> MixtralForCausalLM:
+    c = dense.config
+    moe = MixtralForCausalLM(mixtral_config(c, experts, top_k, c.intermediate_size))
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for name, tensor in dense.state_dict().items():
@@ -49,11 +63,7 @@ def upcycle(dense, experts: int, top_k: int, seed: int) -> MixtralForCausalLM:
         state[f"{prefix}.experts.gate_up_proj"] = gate_up[None].repeat(experts, 1, 1)
         state[f"{prefix}.experts.down_proj"] = mlp.down_proj.weight.detach()[None].repeat(experts, 1, 1)
         state[f"{prefix}.gate.weight"] = torch.randn(experts, c.hidden_size, generator=generator) * 0.02
-    missing, unexpected = moe.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not c.tie_word_embeddings]
-    if missing or unexpected:
-        raise SystemExit(f"upcycling failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    moe.tie_weights()
+    load_moe_state(moe, state, c.tie_word_embeddings, "upcycling")
     return moe
 
 

@@ -265,15 +265,16 @@ def test_the_routing_statistics_match_a_by_hand_count_and_reap(text_files, tmp_p
 
 def test_a_weight_stage_after_expert_removal_can_aim_at_the_models_total(text_files, tmp_path):
     model_dir = save(tiny_model("mixtral"), tmp_path / "model")
+    wanda = {"method": "wanda", "sparsity_of": "model"}
     report = run(model_dir, text_files, tmp_path / "out", [{"method": "stun", "experts_to_keep": 3},
-                                                           {"method": "wanda", "sparsity": 0.5, "sparsity_of": "model"}])
+                                                           {**wanda, "sparsity": 0.5}])
     removed, zeros = (report["sparsity"][k] for k in ("achieved_decoder_linear", "zero_fraction_decoder_linear"))
     assert 0.1 < removed < 0.5
     assert removed + (1 - removed) * zeros == pytest.approx(0.5, abs=0.005)
     assert report["stages"][1]["stage_sparsity"] == pytest.approx((0.5 - removed) / (1 - removed), abs=1e-6)
     with pytest.raises(UserError, match="already removed"):
         run(model_dir, text_files, tmp_path / "too-much", [{"method": "stun", "experts_to_keep": 1},
-                                                           {"method": "wanda", "sparsity": 0.3, "sparsity_of": "model"}])
+                                                           {**wanda, "sparsity": 0.3}])
 
 
 def test_moefication_splits_the_mlp_exactly_and_routes_better_than_chance():

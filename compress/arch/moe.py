@@ -17,8 +17,8 @@ methods (FLAP, Wanda-sp, CFSP) remove expert channels: the fused layout needs on
 layer, so every expert of a layer keeps the same number of channels, each expert its own best
 ones (see `compress.methods.base.StructuredMethod.expert_scores`). Whole experts are removed by
 `keep_experts` (STUN, `compress.methods.stun`): the fused tensors and the router rows keep the chosen
-experts, and the router's top-k never exceeds the experts left. GBLM's gradients are taken on the fused tensors and cut back per expert
-(`calibration.gradients.trainable_targets`).
+experts, and the router's top-k never exceeds the experts left. GBLM's gradients are taken on the
+fused tensors and cut back per expert (`calibration.gradients.trainable_targets`).
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from calibration.stats import ChannelStats, input_stats
+from compress.errors import UserError
 from compress.methods.base import Method, StageContext
 from compress.ops.masks import apply_mask, make_mask, zero_fraction
-from compress.errors import UserError
 from compress.ops.slicing import (
     decoder_linear_params,
     layer_linear_tensors,
@@ -135,9 +135,9 @@ class WeightMethod(Method):
         now, before = decoder_linear_params(ctx.adapter), ctx.linear_before
         sparsity = (cfg.sparsity * before - (before - now)) / now
         if sparsity < 0:
-            raise UserError(f"{cfg.method}: earlier stages already removed {1 - now / before:.1%} of the decoder-linear "
-                            f"parameters, more than sparsity={cfg.sparsity:g} of the model; raise it or set "
-                            f"sparsity_of=stage")
+            raise UserError(f"{cfg.method}: earlier stages already removed {1 - now / before:.1%} of the "
+                            f"decoder-linear parameters, more than sparsity={cfg.sparsity:g} of the model; "
+                            f"raise it or set sparsity_of=stage")
         ctx.log(f"{cfg.method}: {sparsity:.2%} of the remaining weights make {cfg.sparsity:.0%} of the model's")
         return sparsity
 
