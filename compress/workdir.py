@@ -143,13 +143,13 @@ class StageFolder:
         tensors = {f"batch.{i}": h.contiguous() for i, h in enumerate(hidden)}
         save_atomic(self.path / "hidden.safetensors", tensors, {"depth": depth, **(extra or {})})
 
-    def checkpoint_hidden(self, depth: int, hidden: list[torch.Tensor]) -> None:
+    def checkpoint_hidden(self, depth: int, hidden: list[torch.Tensor], extra: dict | None = None) -> None:
         """`save_hidden`, unless the previous save was too recent to be worth another (see above)."""
         now = time.perf_counter()
         if (self._last_save_end is not None
                 and now - self._last_save_end < self.HIDDEN_SAVE_RATIO * self._last_save_seconds):
             return
-        self.save_hidden(depth, hidden)
+        self.save_hidden(depth, hidden, extra)
         self._last_save_end = time.perf_counter()
         self._last_save_seconds = self._last_save_end - now
 
@@ -165,7 +165,8 @@ class StageFolder:
     def mark_finished(self, details: dict) -> None:
         """The stage is done: write its marker (with its report details) and drop the in-progress files."""
         self.save("result", {}, {"details": details})
-        for pattern in ("layer-*.safetensors", "compensation-*.safetensors", "hidden.safetensors"):
+        for pattern in ("layer-*.safetensors", "compensation-*.safetensors", "hidden.safetensors",
+                        "supernet-*.safetensors", "round-*.safetensors"):
             for path in self.path.glob(pattern):
                 path.unlink()
 

@@ -70,6 +70,11 @@ ROWS = {
     # CFSP (structured)
     "cfsp_20": "recipe=cfsp_20",
     "cfsp_50": "recipe=cfsp_20 sparsity=0.5",
+    # Týr: searched per-layer sparsity; the even spread without search; the released code's dense inputs
+    "tyr_50": "recipe=tyr_50",
+    "tyr_50_no_search": "recipe=tyr_50 stages.0.rounds=1 stages.0.generations=0",
+    "tyr_50_dense_inputs": "recipe=tyr_50 stages.0.accumulation=dense",
+    "tyr_20": "recipe=tyr_50 sparsity=0.2",
     "cfsp_20_both": "recipe=cfsp_20 stages.0.targets=both",
     "cfsp_50_both": "recipe=cfsp_20 sparsity=0.5 stages.0.targets=both",
     "cfsp_20_released": "recipe=cfsp_20 stages.0.score=released stages.0.compensation=none",

@@ -80,6 +80,8 @@ CASES = [
     Case("evaluation text missing", ["eval.text=/no/such/test.txt"], "evaluation text not found"),
     Case("CFSP on MLPs only beyond what the MLPs hold", ["stages=[{method: cfsp, sparsity: 0.8, targets: mlp}]"],
          "use stages.0.targets=both"),
+    Case("Týr holding out every calibration window", ["stages=[{method: tyr, fitness_windows: 4096}]"],
+         "leaves no calibration window to build on"),
     # recovery
     Case("recovery trains on the evaluation text", ["stages=[{method: flap}, {method: lora, data: {path: '{EVAL}'}}]"],
          "fitting weights on the test text"),

@@ -31,6 +31,9 @@ def shrunk(recipe: str) -> list[str]:
                           f"stages.{index}.warmup_steps=1"]
         if "iterations" in stage:  # ARMOR's search
             overrides += [f"stages.{index}.iterations=2"]
+        if stage["method"] == "tyr":  # the search: one held window, two children a generation
+            overrides += [f"stages.{index}.fitness_windows=1", f"stages.{index}.stage_windows=[1, 1]",
+                          f"stages.{index}.generations=1", f"stages.{index}.offspring=2"]
         if "prune_steps" in stage:
             overrides += [f"stages.{index}.prune_steps=2", f"stages.{index}.prune_every=1"]
     return overrides
@@ -50,6 +53,7 @@ def _export_and_load(recipe, overrides, output):
 # refused before the model loads, with the reason (tests/test_loraprune.py names it)
 REFUSED = {(recipe, model_type): "fused banks" for model_type in TINY_MOE_ARCHITECTURES
            for recipe in ("loraprune_20", "armor_2_4")}
+REFUSED.update({("tyr_50", model_type): "mixture-of-experts" for model_type in TINY_MOE_ARCHITECTURES})
 REFUSED.update({("stun_25", model_type): "has none" for model_type in (*TINY_ARCHITECTURES, "smollm2-135m")})
 
 

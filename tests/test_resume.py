@@ -34,6 +34,10 @@ SCENARIOS = {
                            ["stage-0/layer-0001.safetensors", "stage-1/layer-0001.safetensors"], "mixtral"),
     "qwen3_moe-stun-global": ([{"method": "stun", "sparsity": 0.25, "budget": "global"}],
                               ["stage-0/layer-0002.safetensors", "export:staged"], "qwen3_moe"),
+    # Týr: a finished search round is not redone; the final sequential pruning resumes per layer
+    "tyr": ([{"method": "tyr", "sparsity": 0.3, "rounds": 2, "generations": 2, "offspring": 4, "fitness_windows": 2,
+              "stage_windows": [1, 2], "kl_top": 32}],
+            ["stage-0/round-0.safetensors", "stage-0/supernet-1-0001.safetensors", "stage-0/layer-0001.safetensors"]),
     # OLMoE (attention kept whole): scores of units that cannot be removed are saved and restored as such
     "olmoe-flap": ([{"method": "flap", "sparsity": 0.3}], ["stage-0/layer-0002.safetensors"], "olmoe"),
 }

@@ -85,6 +85,7 @@ class StageContext:
     log: callable = print
     folder: StageFolder | None = None  # resumable progress of this stage (see compress.workdir)
     windows: torch.Tensor | None = None  # calibration token ids [samples, seq_len]
+    calibration_batch_size: int = 4  # windows per forward of a capture (the recipe's calibration.batch_size)
     make_bar: callable = None  # (description, total, unit) -> tqdm-like bar with update()/close()
     tokenizer: object = None
     evaluate: callable = None  # (label) -> perplexity of the model as it is now, under the recipe's eval

@@ -8,6 +8,10 @@ Two operations solve it exactly, in float64 where it matters:
   kept columns K by least squares, W_K' = W_K + W_R H_RK H_KK^-1. This is OBS removing all of R at
   once (-W_R [H^-1]_RR^-1 [H^-1]_R,: equals the same update), and it is FLAP's least-squares
   compensation when H is the covariance and the intercept goes to the bias.
+* `removal_order`: greedy OBS removal of whole input units (channels, or the columns of a KV group),
+  a few units a round, each round taking the units whose removal with the optimal update of the
+  rest costs least and applying that update (Týr's local pruner; the candidates it yields are then
+  re-fit exactly by `remove_inputs`).
 * `prune_columns` (SparseGPT, Frantar & Alistarh, ICML 2023, arXiv 2301.00774): zero single weights
   column by column; each zeroed weight's error is spread over the columns not yet visited by the OBS
   update with the upper Cholesky factor U of H^-1 (row i of U is H^-1 of the remaining columns,
@@ -91,6 +95,46 @@ def remove_inputs(weight: torch.Tensor, hessian: torch.Tensor, kept: torch.Tenso
         mean = mean.to(device=h.device, dtype=torch.float64)
         shift = w_removed @ (mean[removed_mask] - predictor @ mean[kept])
     return w[:, kept] + w_removed @ predictor, shift
+
+
+@torch.no_grad()
+def removal_order(weight: torch.Tensor, hessian: torch.Tensor, units: torch.Tensor, count: int, per_round: int = 1,
+                  dampening: float = 0.01, name: str = "a linear") -> list[int]:
+    """The first `count` units (rows of `units` [U, w]: input-column indices) in the order greedy OBS
+    removes them from the linear, cheapest first.
+
+    A round costs each remaining unit u at tr(W_u [H^-1]_uu^-1 W_u^T) (the error of removing it with
+    the optimal update of the other columns; ||W_j||^2 / [H^-1]_jj for one channel), removes the
+    `per_round` cheapest together, and updates W -= W_P [H^-1]_PP^-1 [H^-1]_P: and
+    H^-1 -= [H^-1]_:P [H^-1]_PP^-1 [H^-1]_P:, so later rounds see the compensated weight. Inputs that
+    never vary (H_jj = 0) cost nothing: the intercept absorbs them.
+    """
+    h, dead = damped(hessian, dampening)
+    hinv = torch.cholesky_inverse(_cholesky(h, dampening, name))
+    del h
+    w = weight.detach().to(device=hinv.device, dtype=torch.float64, copy=True)
+    w[:, dead] = 0
+    units = units.to(hinv.device)
+    remaining = torch.ones(units.shape[0], dtype=torch.bool, device=hinv.device)
+    order: list[int] = []
+    while len(order) < count:
+        candidates = remaining.nonzero().flatten()
+        index = units[candidates]  # [R, w]
+        blocks = hinv[index[:, :, None], index[:, None, :]]  # [R, w, w]
+        wu = w[:, index].permute(1, 2, 0)  # [R, w, out]
+        if index.shape[1] == 1:
+            cost = wu[:, 0].pow(2).sum(1) / blocks[:, 0, 0]
+        else:
+            cost = (wu * torch.linalg.solve(blocks, wu)).sum((1, 2))
+        take = min(per_round, count - len(order))
+        picked = candidates[torch.topk(cost, take, largest=False).indices.sort().values]
+        columns = units[picked].reshape(-1)
+        coefficients = torch.linalg.solve(hinv[columns][:, columns], hinv[columns])  # [|P|, in]
+        w -= w[:, columns] @ coefficients
+        hinv -= hinv[:, columns] @ coefficients
+        remaining[picked] = False
+        order.extend(picked.tolist())
+    return order
 
 
 def _block_mask(scores: torch.Tensor, sparsity: float, segments: list[int]) -> torch.Tensor:

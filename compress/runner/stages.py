@@ -47,6 +47,7 @@ def _run_stage(state, number: int, stage, folder) -> tuple[dict, dict]:
         return open_bars[-1]
 
     ctx = StageContext(adapter=adapter, new_capture=new_capture, log=state.log, windows=windows,
+                       calibration_batch_size=state.recipe.calibration.batch_size,
                        make_bar=make_bar, folder=folder, tokenizer=state.tokenizer,
                        evaluate=state.evaluate if state.recipe.eval.ppl != "none" else None,
                        previous=list(state.results), artifacts={}, linear_before=state.report.get("linear_before"))
