@@ -6,6 +6,8 @@
     compress print recipe=flap_20
     compress ls
     compress cp flap_20 my_recipe.yaml
+    compress push out/flap20 me/smollm2-flap20        # to the Hugging Face Hub, private unless --public
+    compress eval model=out/flap20 baseline=out/flap20/report.json max_ratio=1.02   # a perplexity gate for CI
 """
 
 from __future__ import annotations
@@ -214,6 +216,10 @@ def evaluate(args: list[str] = ARGS, quiet: bool = typer.Option(False, "--quiet"
                 raise UserError(f"argument '{arg}' is not key=value")
             key, _, value = arg.partition("=")
             values[key] = parse_value(value)
+        baseline, gated = values.pop("baseline", None), "max_ratio" in values
+        max_ratio = float(values.pop("max_ratio", 1.02))
+        if baseline is None and gated:
+            raise UserError("max_ratio= needs baseline=REPORT (the report.json to compare with)")
         allowed = {"model", "ppl", "text", "name", "seq_len", "dtype", "threads"}
         unknown = sorted(set(values) - allowed)
         if unknown:
@@ -230,6 +236,7 @@ def evaluate(args: list[str] = ARGS, quiet: bool = typer.Option(False, "--quiet"
             raise UserError(f"eval key '{where}': {first['msg'].removeprefix('Value error, ')}") from None
         _, config = check_model(model_cfg)
         check_eval(evaluation, ConfigView(config), file_key="text")
+        reference = baseline_ppl(str(baseline), evaluation, describe_data(evaluation)) if baseline else None
         if values.get("threads"):
             import torch
 
@@ -237,6 +244,52 @@ def evaluate(args: list[str] = ARGS, quiet: bool = typer.Option(False, "--quiet"
         model, tokenizer = load_model(model_cfg.name, model_cfg.dtype)
         value = evaluate_ppl(model, tokenizer, evaluation, Progress(not quiet), "eval")
         typer.echo(f"ppl ({evaluation.ppl}, {evaluation.seq_len} tokens, {describe_data(evaluation)}) {value:.4f}")
+        if reference is not None:
+            ratio = value / reference
+            verdict = f"ppl {value:.4f} vs baseline {reference:.4f}: ratio {ratio:.4f}"
+            if not ratio <= max_ratio:
+                typer.echo(f"regressed: {verdict} > max_ratio {max_ratio:g}", err=True)
+                raise typer.Exit(1)
+            typer.echo(f"ok: {verdict} <= max_ratio {max_ratio:g}")
+
+    _guard(debug, action)
+
+
+def baseline_ppl(path: str, evaluation, text: str) -> float:
+    """The pruned perplexity a report.json (or an export folder holding one) recorded, measured the same way."""
+    import json
+
+    from compress.errors import UserError
+
+    report_path = Path(path) / "report.json" if Path(path).is_dir() else Path(path)
+    if not report_path.is_file():
+        raise UserError(f"baseline report not found: {report_path}; give baseline=OUT/report.json")
+    ppl = json.loads(report_path.read_text()).get("ppl") or {}
+    if ppl.get("pruned") is None:
+        raise UserError(f"{report_path} holds no pruned perplexity (its run had eval.ppl=none)")
+    measured = {"ppl": str(evaluation.ppl), "seq_len": evaluation.seq_len, "text": text}
+    recorded = {"ppl": str(ppl.get("windows")), "seq_len": ppl.get("seq_len"), "text": ppl.get("text")}
+    for key, value in recorded.items():
+        if value != measured[key]:
+            raise UserError(f"the baseline was measured with {key}={value}, this run with {key}={measured[key]}; "
+                            f"pass {key}={value} so the two compare")
+    return float(ppl["pruned"])
+
+
+@app.command()
+def push(folder: str = typer.Argument(..., help="an export folder written by `compress run`"),
+         repo_id: str = typer.Argument(..., help="the Hub repository, e.g. me/smollm2-flap20"),
+         public: bool = typer.Option(False, "--public", help="create the repository public (default: private)"),
+         revision: str = typer.Option(None, "--revision", "--branch", help="push to this branch (created if missing)"),
+         message: str = typer.Option(None, "--message", help="commit message (default: model and stages)"),
+         debug: bool = DEBUG):
+    """Upload a verified export to the Hugging Face Hub (one commit; the token is never printed)."""
+
+    def action():
+        from compress.export.hub import push as push_folder
+
+        push_folder(Path(folder), repo_id, public=public, revision=revision, message=message,
+                    log=lambda m: typer.echo(m))
 
     _guard(debug, action)
 

@@ -38,7 +38,7 @@ def _logits(model):
 def load_as_users_do(output, per_layer: bool):
     """The lines a transformers user writes: the tokenizer never needs remote code; a per-layer export
     needs trust_remote_code for the model and fails loudly without it; the pipeline generates."""
-    from transformers import AutoTokenizer, pipeline
+    from transformers import AutoModel, AutoTokenizer, pipeline
 
     tokenizer = AutoTokenizer.from_pretrained(output)
     assert tokenizer("The quick brown fox")["input_ids"]
@@ -46,6 +46,15 @@ def load_as_users_do(output, per_layer: bool):
         with pytest.raises(ValueError, match="custom code"):
             AutoModelForCausalLM.from_pretrained(output, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
+        # the decoder alone (auto_map's AutoModel, what vLLM's Transformers backend builds) has the same layers;
+        # MoE exports have none (transformers converts their per-expert keys on the causal-LM path only)
+        if "AutoModel" in model.config.auto_map:
+            decoder = AutoModel.from_pretrained(output, trust_remote_code=True)
+            with torch.no_grad():
+                ids = IDS.clamp_max(model.config.vocab_size - 1)
+                assert torch.allclose(decoder(ids).last_hidden_state, model.model(ids).last_hidden_state, atol=1e-5)
+        else:
+            assert getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None)
     else:
         model = AutoModelForCausalLM.from_pretrained(output)
     generate = pipeline("text-generation", model=str(output), trust_remote_code=per_layer)

@@ -40,7 +40,7 @@ from tests.test_offload import FORCE_DISK
 # Keys removed wherever they occur in report.json: wall-clock times and throughputs (the pipeline's
 # per-phase `seconds`, the LoRA stage's `train_seconds` / `tokens_per_second`), memory peaks, versions.
 VOLATILE_KEYS = frozenset({"seconds", "peak_rss_mib", "peak_rss_mib_by_phase", "versions", "compress_version",
-                           "train_seconds", "tokens_per_second"})
+                           "train_seconds", "tokens_per_second", "build_seconds", "search_seconds"})
 TMP = "<TMP>"
 
 LORA = {"method": "lora", "steps": 2, "batch_size": 2, "seq_len": 16}  # + data: the calibration file
@@ -58,6 +58,8 @@ SHAPES: dict[str, tuple[str, list[dict], dict]] = {
     "flap+wanda-2:4": ("llama", [{"method": "flap", "sparsity": 0.3, "round_to": 8},
                                  {"method": "wanda", "sparsity": 0.5, "pattern": "2:4"}], {}),
     "flap+lora": ("llama", [{"method": "flap", "sparsity": 0.3}, LORA], {}),
+    "tyr": ("llama", [{"method": "tyr", "sparsity": 0.3, "rounds": 2, "generations": 2, "offspring": 4,
+                       "fitness_windows": 2, "stage_windows": [1, 2], "kl_top": 32}], {}),
     "flap+lora-unmerged": ("llama", [{"method": "flap", "sparsity": 0.3}, {**LORA, "merge": False}], {}),
     "moe-flap": ("mixtral", [{"method": "flap", "sparsity": 0.3}], {}),
     "moe-wanda": ("qwen3_moe", [{"method": "wanda", "sparsity": 0.5}], {}),
@@ -70,72 +72,76 @@ SHAPES: dict[str, tuple[str, list[dict], dict]] = {
 GOLDEN: dict[str, dict[str, str]] = {
     "flap": {
         "model.safetensors": "fab4c9f899002ccbd8a0f7300eaf43e97db886b349eff7623a9cfd746b2fc954",
-        "report.json": "2edcce0ef4fd7e096b51e181a77f9363dfe6be25d736d3a64da5053fa74a09ff",
+        "report.json": "1c31866b6113e76dd884b88843f1859cb20e0acfdd2907279667600ebb7f6c5b",
     },
     "flap-uniform": {
         "model.safetensors": "60653ded31ac9ce41a022db28aec4b18489b450cd68a21ac417d92fc456bdf7b",
-        "report.json": "e52d782ff35fd094f774e1eb1e5e38221ff8775aa5c3a5647efa8aaa57114878",
+        "report.json": "70e4937de8a5157f9ea07f11ce12f77b5b7944a35ea13fb6c3f523dfd363e9e1",
     },
     "wanda_sp": {
         "model.safetensors": "f1f854e5067730d0e5d3049c0ed35fae36f51dc0105eee2f063eab281d1f356f",
-        "report.json": "cfd0008633a122e78d1dace1e8342cd1c7e841fe054eb470aaf961336c31f888",
+        "report.json": "ae9ed3ccb333ba5e013ab2216712c673d413169a8295b35811406ebbc0b36666",
     },
     "cfsp": {
         "model.safetensors": "ffe6b7051102a867fdc22f04aea6fd27dd04ddc931000eba4f3ba412d1815105",
-        "report.json": "50d86294f539c37223c3e8e34d10ba080f6eed450dc14807e86edd1d52d0cc62",
+        "report.json": "c8b50e7021eb5b01bf4ee52a661a0106b913fa9e5aadf57c33cc7b773aed8223",
     },
     "wanda-50": {
         "model.safetensors": "0b6f0a0a427172b9689c6fe3414541b0749c5bd5efcfc8c30c8ac117cfa564bf",
-        "report.json": "d292c4a6949d2b02c3880f58763ed5646c190099842e7506b4ff3713b650457c",
+        "report.json": "6eb698eeafeed9b0a4c10eeb3ef1974cbf89053672f78237f8538ef91766785f",
     },
     "wanda-2:4": {
         "model.safetensors": "e05a9b126d01d554b32dae9ecb9dc7f3b9fa964ecb57652f9a45a3287dc30801",
-        "report.json": "405d237dd54709f7eea2d72db11a30d29abc736d1034e758a2ddbf8bbe035f7c",
+        "report.json": "8ee703df1bd18087e83df5cc4deb86318dc94fde2aa2975305f79807d30a55e4",
     },
     "magnitude-2:4": {
         "model.safetensors": "86af6c29ce35c9fdbc329463c6a27e8773774933139f7d012cecbb5e54092298",
-        "report.json": "d0260a9fb36e8f5e7a4aa715f02f67daa66f553599e69b48b05c01457b8a18fe",
+        "report.json": "9db3525148fa4aa414c3c167b0699b1e47300396bea3d2a5e0fa4481ddffa68f",
     },
     "gblm-2:4": {
         "model.safetensors": "db25bbbe16d260beb8629b6e9b356f662472ab763605511b802d7720b8520c4f",
-        "report.json": "618edf4c9d1ca732b3efa5c3b0e6bd0297a51e6ab7214c26b08dd09f40558d31",
+        "report.json": "3cb1d7820c48e835400bcf0d8d50fcc42f515cfec98e95e8f418e809eeb04ed3",
     },
     "flap+wanda-2:4": {
         "model.safetensors": "bb4fc695bd2d333a2033a1d95ac993d53051de80ff5793121e2dbc0d56068b00",
-        "report.json": "fb158fb91a79dd16a5ffb59a6ef7587d4564df61d83d70fa2302df1cd121388a",
+        "report.json": "233dc506c6a01fdc62047cc0ac793ddd4ec0c3bc54fd478bbd7e8a0e84dabece",
     },
     "flap+lora": {
         "model.safetensors": "d6e3f76805547f6529662b8a3eba984fbfa8b19a7791d1cd04a07d9e7842e99e",
-        "report.json": "afada4162c6e37efa40904206c817ed5887b75a7d03ddb91fed67b3099e10460",
+        "report.json": "3ef82a949a3d92522af107999fedb3d0f46c23831227afb0afa8eeb800992c35",
+    },
+    "tyr": {
+        "model.safetensors": "2014e86c17d2ce4eac926a6069f0ab2d6cc44c322432d6fb866373bacc0556e4",
+        "report.json": "d0419119ce1cafa823b7bc2a14fb7d2f4b37d3a15701f81f68e9a68646e17845",
     },
     "flap+lora-unmerged": {
         "model.safetensors": "fab4c9f899002ccbd8a0f7300eaf43e97db886b349eff7623a9cfd746b2fc954",
         "adapter/adapter_model.safetensors": "82ed5bafd850999a5c385d3270380042061794c6e1b1a37a457532d5ca284dd9",
-        "report.json": "9716adb1f97074e78b468cfa8d2dfe10af0f6004c40b6388ac8b614a5af8fee8",
+        "report.json": "8e332bf3f63e44d6b64351ab6a8b3b91b542a71dd2985e16288fb427d1c9a070",
     },
     "moe-flap": {
         "model.safetensors": "a0c6bd5be30fb3d6d74d4001a380b91dea02f80b8dc2bcc34a311adf70893034",
-        "report.json": "8780146d503ee5596c93628a5c987f142661be019271886b4c82df3586760d3b",
+        "report.json": "41cc93cbbc50ddd7606305cfaf371450ec91860625d0b586d3aa83dbd5ee99b5",
     },
     "moe-wanda": {
         "model.safetensors": "f7b9482bd726f325c60a5361120eb4c41e1bf8ebbb401bed84cf0baed4387d87",
-        "report.json": "015585fa29ea814e088a6e75c841db50a231a35614a8b4071ca2990cbf31f2bf",
+        "report.json": "239525bd57103d35470bd65d153a1eac6718eda05adfc2ba4e02ca0e19674f2b",
     },
     "sparsegpt-50": {
         "model.safetensors": "d182915c6eda351eeb90b503f4d2a18cc2e2f05ef8da9085f6a2f3ba7dfe5ce8",
-        "report.json": "6a5dde5783f26a7af699ade11fef1db49d72416eb19ef807e4a2d24e509e8527",
+        "report.json": "cc4b1a9496813ad6b17acb800053a7ae3ff2eaf8fc23c93c6be92218310b92f5",
     },
     "sparsegpt-2:4": {
         "model.safetensors": "7028c04e88bdf9b6d48e2bfbdbc58c4518d2d6427e4411fa902e6ffe8e1fff2b",
-        "report.json": "375e56b9f7a10a1d586fba868dfedd216ff56d326edc901aea2510f778bd1890",
+        "report.json": "01eebf3376f2604120579423df0e769d8f266ed613efbceecb071134148f8d61",
     },
     "moe-sparsegpt-2:4": {
         "model.safetensors": "bdc42f1cc6a8ca4739d4d2db61a3f0be2f4d036eeae45c852c41c7dbc182dcfe",
-        "report.json": "9b4486c1de64b5a00604778504b6090c09126cfa7955fda267e7fc247190998c",
+        "report.json": "593e23e93d96bb19f4c9ad262158d4f964b072adf928bf4d4c7a51bd03023fa9",
     },
     "offload-flap": {
         "model.safetensors": "fab4c9f899002ccbd8a0f7300eaf43e97db886b349eff7623a9cfd746b2fc954",
-        "report.json": "c9758173337b28d448264b124308df95d686b83126eb63902b35c1888e636f34",
+        "report.json": "1738fd226745eb4f70059e65497be66cf440b6b413a00fa5ec3d1b8b36705fe1",
     },
 }
 

@@ -163,6 +163,9 @@ def _write_per_layer(model, adapter: Adapter, layout: list[dict], folder: Path, 
         "AutoConfig": "modeling_pruned.PrunedConfig",
         "AutoModelForCausalLM": "modeling_pruned.PrunedForCausalLM",
     }
+    if not getattr(adapter, "is_moe", False):  # the decoder alone, which vLLM's Transformers backend builds (the
+        # legacy per-expert keys of an MoE checkpoint are converted only on the causal-LM path of transformers 5)
+        config["auto_map"]["AutoModel"] = "modeling_pruned.PrunedModel"
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     source = MODELING_FILE.read_text()
     for constant, value in (("BASE_MODULE", adapter.transformers_module), ("BASE_MODEL_CLASS", adapter.model_class),

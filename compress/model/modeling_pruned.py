@@ -5,7 +5,8 @@ This file is copied next to every non-uniform checkpoint written by `compress` a
 
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
-rebuilds each decoder layer from `config.per_layer_config[i]`. `compress.load(folder)` uses the copy
+rebuilds each decoder layer from `config.per_layer_config[i]` (`AutoModel` builds the decoder alone the
+same way: what vLLM's Transformers backend asks for). `compress.load(folder)` uses the copy
 inside the installed package instead, so no code is ever run from the checkpoint folder.
 
 The stock architecture classes are reused: the model is built from the global (dense-width) config,
@@ -92,7 +93,7 @@ def factorize(parent: nn.Module, name: str, block: int) -> None:
 
 
 def make_classes(base_module: str, base_model_class: str, base_config_class: str):
-    """Return (config class, causal-LM class) for per-layer-width checkpoints of one architecture."""
+    """Return (config class, causal-LM class, decoder class) for per-layer-width checkpoints of one architecture."""
     module = importlib.import_module(base_module)
     config_module = importlib.import_module(base_module.replace(".modeling_", ".configuration_"))
     base_model = getattr(module, base_model_class)
@@ -118,44 +119,64 @@ def make_classes(base_module: str, base_model_class: str, base_config_class: str
             else:
                 super().validate_architecture()
 
+    def rebuild(model, config):
+        """The stock classes read the (dense) global widths once; every layer is rebuilt here."""
+        output_biases = getattr(config, "compress_output_biases", {}) or {}
+        factorized = getattr(config, "compress_factorized", {}) or {}
+        layers = model.layers
+        for index in range(len(layers)):
+            layer_config = config.per_layer_config[index]
+            # Without this the per-layer view falls back to no attention implementation and
+            # the causal mask is silently dropped.
+            layer_config._attn_implementation = config._attn_implementation
+            layer_config.allow_global_per_layer_attribute_access = False
+            new_layer = type(layers[index])(layer_config, index)
+            for dotted in output_biases.get(str(index), output_biases.get(index, [])):
+                parent_path, _, leaf = dotted.rpartition(".")
+                attach_zero_bias(new_layer.get_submodule(parent_path), leaf)
+            for dotted, block in factorized.get(str(index), {}).items():
+                parent_path, _, leaf = dotted.rpartition(".")
+                factorize(new_layer.get_submodule(parent_path), leaf, block)
+            layers[index] = new_layer
+
+    def built_with_dense_widths(cls, self, config):
+        from transformers.utils import logging
+
+        had_access = config.allow_global_per_layer_attribute_access
+        config.allow_global_per_layer_attribute_access = True
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()
+        try:
+            super(cls, self).__init__(config)
+        finally:
+            config.allow_global_per_layer_attribute_access = had_access
+            logging.set_verbosity(verbosity)
+
     class PrunedForCausalLM(base_model):
         config_class = PrunedConfig
 
         def __init__(self, config):
-            from transformers.utils import logging
-
-            # The stock classes read the (dense) global widths once; every layer is rebuilt below.
-            had_access = config.allow_global_per_layer_attribute_access
-            config.allow_global_per_layer_attribute_access = True
-            verbosity = logging.get_verbosity()
-            logging.set_verbosity_error()
-            try:
-                super().__init__(config)
-            finally:
-                config.allow_global_per_layer_attribute_access = had_access
-                logging.set_verbosity(verbosity)
-            output_biases = getattr(config, "compress_output_biases", {}) or {}
-            factorized = getattr(config, "compress_factorized", {}) or {}
-            layers = self.model.layers
-            for index in range(len(layers)):
-                layer_config = config.per_layer_config[index]
-                # Without this the per-layer view falls back to no attention implementation and
-                # the causal mask is silently dropped.
-                layer_config._attn_implementation = config._attn_implementation
-                layer_config.allow_global_per_layer_attribute_access = False
-                new_layer = type(layers[index])(layer_config, index)
-                for dotted in output_biases.get(str(index), output_biases.get(index, [])):
-                    parent_path, _, leaf = dotted.rpartition(".")
-                    attach_zero_bias(new_layer.get_submodule(parent_path), leaf)
-                for dotted, block in factorized.get(str(index), {}).items():
-                    parent_path, _, leaf = dotted.rpartition(".")
-                    factorize(new_layer.get_submodule(parent_path), leaf, block)
-                layers[index] = new_layer
+            built_with_dense_widths(PrunedForCausalLM, self, config)
+            rebuild(self.model, config)
             self.post_init()
 
+    # The decoder alone (AutoModel: what vLLM's Transformers backend builds), e.g. LlamaModel
+    decoder = next(getattr(module, name) for name in dir(module)
+                   if name.endswith("Model") and not name.endswith("PreTrainedModel")
+                   and getattr(getattr(module, name), "config_class", None) is base_config)
+
+    class PrunedModel(decoder):
+        config_class = PrunedConfig
+
+        def __init__(self, config):
+            built_with_dense_widths(PrunedModel, self, config)
+            rebuild(self, config)
+            self.post_init()
+
+    PrunedModel.__name__ = "Pruned" + decoder.__name__
     PrunedConfig.__name__ = "Pruned" + base_config_class
     PrunedForCausalLM.__name__ = "Pruned" + base_model_class
-    return PrunedConfig, PrunedForCausalLM
+    return PrunedConfig, PrunedForCausalLM, PrunedModel
 
 
-PrunedConfig, PrunedForCausalLM = make_classes(BASE_MODULE, BASE_MODEL_CLASS, BASE_CONFIG_CLASS)
+PrunedConfig, PrunedForCausalLM, PrunedModel = make_classes(BASE_MODULE, BASE_MODEL_CLASS, BASE_CONFIG_CLASS)

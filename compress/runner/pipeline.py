@@ -21,7 +21,7 @@ import compress
 from calibration.data import calibration_windows, describe_data, read_source_text, tokenize_text
 from compress.arch import get_adapter
 from compress.arch.moe import model_experts, routed_experts
-from compress.export.card import model_card
+from compress.export.card import layers_png, model_card
 from compress.export.checkpoint import layer_layout, write_checkpoint
 from compress.methods import METHODS
 from compress.methods.base import StageResult
@@ -35,7 +35,7 @@ from compress.ops.slicing import decoder_linear_params
 from compress.progress import Progress
 from compress.recipe import Recipe, dump_recipe
 from compress.recipe.preflight import preflight
-from compress.runner.report import decoder_zero_fraction, model_params, peak_rss_mib, versions
+from compress.runner.report import layer_params, layer_shares, model_params, peak_rss_mib, versions
 from compress.runner.stages import run_stages
 from compress.workdir import WorkFolder, recipe_fingerprint
 
@@ -147,7 +147,8 @@ def load(state: RunState) -> None:
                       f"memory only while it is calibrated and pruned")
     state.report = {"compress_version": compress.__version__, "model": recipe.model.name,
                     "params_before": model_params(state.model),
-                    "linear_before": decoder_linear_params(state.adapter)}
+                    "linear_before": decoder_linear_params(state.adapter),
+                    "layers_before": layer_params(state.adapter)}
     state.ppl = {"windows": recipe.eval.ppl, "seq_len": recipe.eval.seq_len, "text": describe_data(recipe.eval)}
     if recipe.eval.ppl != "none":
         state.test_ids = tokenize_text(state.tokenizer, read_source_text(recipe.eval, "eval", "eval"))
@@ -197,14 +198,16 @@ def build_report(state: RunState) -> None:
     recipe, adapter = state.recipe, state.adapter
     linear_before, params_before = state.report.pop("linear_before"), state.report.pop("params_before")
     linear_after = decoder_linear_params(adapter)
+    before, after = state.report.pop("layers_before"), layer_params(adapter)
     state.report.update({
         "stages": [result.report() for result in state.results],
-        "layers": [{"index": i, **entry} for i, entry in enumerate(layer_layout(adapter))],
+        "layers": [{"index": i, **entry, **layer_shares(before[i], after[i])}
+                   for i, entry in enumerate(layer_layout(adapter))],
         "params": {"total_before": params_before, "total_after": model_params(state.model),
                    "decoder_linear_before": linear_before, "decoder_linear_after": linear_after},
         "sparsity": {"targets": [s.sparsity for s in recipe.stages if METHODS[s.method].prunes],
                      "achieved_decoder_linear": 1 - linear_after / linear_before,
-                     "zero_fraction_decoder_linear": decoder_zero_fraction(adapter)},
+                     "zero_fraction_decoder_linear": sum(r["zeros"] for r in after) / max(linear_after, 1)},
         "ppl": state.ppl,
         "speed": state.speed,
         "seconds": state.seconds,
@@ -231,7 +234,8 @@ def write(state: RunState) -> None:
         report["peak_rss_mib"] = peak_rss_mib()
         report["peak_rss_mib_by_phase"] = state.peak_by_phase
         return {"report.json": json.dumps(report, indent=2) + "\n", "recipe.yaml": dump_recipe(recipe),
-                "README.md": model_card(recipe, report), **state.artifacts}
+                "README.md": model_card(recipe, report, state.artifacts), "layers.png": layers_png(report),
+                **state.artifacts}
 
     state.log(f"writing {output}")
     write_checkpoint(state.model, state.tokenizer, state.adapter, output, overwrite=recipe.export.overwrite,

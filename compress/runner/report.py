@@ -9,6 +9,29 @@ import resource
 import compress
 
 
+def layer_params(adapter) -> list[dict]:
+    """Per decoder layer: weights of its attention and MLP linears and how many are exactly zero."""
+    rows = []
+    for index, layer in enumerate(adapter.layers()):
+        row = {"attention_params": 0, "mlp_params": 0, "zeros": 0}
+        with adapter.onloaded(index, write_back=False):
+            for name, linear in adapter.decoder_linears(layer).items():
+                kind = "mlp" if name.startswith(f"{adapter.mlp_name}.") else "attention"
+                row[f"{kind}_params"] += linear.weight.numel()
+                row["zeros"] += int((linear.weight == 0).sum())
+        rows.append(row)
+    return rows
+
+
+def layer_shares(before: dict, after: dict) -> dict:
+    """A layer's report entry: the share of its attention and MLP weights removed, and of zeros left."""
+    removed = {kind: round(1 - after[f"{kind}_params"] / before[f"{kind}_params"], 6) if before[f"{kind}_params"]
+               else 0.0 for kind in ("attention", "mlp")}
+    kept = after["attention_params"] + after["mlp_params"]
+    return {"attention_removed": removed["attention"], "mlp_removed": removed["mlp"],
+            "zero_fraction": round(after["zeros"] / kept, 6) if kept else 0.0}
+
+
 def decoder_zero_fraction(adapter) -> float:
     """Fraction of exact zeros in the decoder linears (what weight-level masks produce)."""
     zeros = total = 0
