@@ -222,6 +222,8 @@ class Tyr(Method):
                 folder.save(f"round-{round_}", {}, {"round": record,
                                                     "centre": {key_name(k): v for k, v in centre.items()}})
             supernet.remove()
+        if fitness is None:  # every round restored from the work folder: the model is still dense here
+            fitness = KlFitness(adapter, held, cfg.stage_windows, cfg.kl_top)
         self.apply(ctx, centre)
         return self.details(ctx, centre, units, rounds, fitness)
 
@@ -284,9 +286,8 @@ class Tyr(Method):
         details = {"kept_kv_groups": [units[(i, "attention")] - chosen[(i, "attention")] for i in layers],
                    "kept_mlp_channels": [units[(i, "mlp")] - chosen[(i, "mlp")] for i in layers],
                    "layer_sparsity": ratio, "rounds": rounds, "fitness_windows": self.config.fitness_windows}
-        if fitness is not None:  # the pruned model's KL on the held windows (dense teacher)
-            fitness.supernet, fitness.parent, fitness.cache = None, None, []
-            details["kl_final"] = round(fitness({}, -1), 6)
+        fitness.supernet, fitness.parent, fitness.cache = None, None, []  # the pruned model against the dense teacher
+        details["kl_final"] = round(fitness({}, -1), 6)
         title = f"Týr {self.config.sparsity:.0%}: removed share of each layer"
         ctx.artifacts["tyr_sparsity.png"] = layer_bars_png({"attention (KV groups)": ratio["attention"],
                                                             "MLP channels": ratio["mlp"]}, title)

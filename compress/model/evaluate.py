@@ -31,6 +31,13 @@ def eval_windows(ids: torch.Tensor, seq_len: int, windows: str | int) -> torch.T
     return ids[: count * seq_len].reshape(count, seq_len)
 
 
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 vocabulary logits of final (normed) hidden states, with the model's logit soft-capping."""
+    logits = model.get_output_embeddings()(hidden).float()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
 @torch.no_grad()
 def window_nll(model, window: torch.Tensor, chunk: int = 128) -> float:
     """Mean next-token NLL of one window, computing the vocabulary logits `chunk` positions at a
@@ -38,14 +45,10 @@ def window_nll(model, window: torch.Tensor, chunk: int = 128) -> float:
     device = model_device(model)
     ids = window.unsqueeze(0).to(device)
     hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
     total = 0.0
     targets = ids[0, 1:]
     for start in range(0, targets.shape[0], chunk):
-        logits = head(hidden[start:start + chunk]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = head_logits(model, hidden[start:start + chunk])
         total += float(torch.nn.functional.cross_entropy(logits, targets[start:start + chunk], reduction="sum"))
     return total / targets.shape[0]
 

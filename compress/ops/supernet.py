@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from calibration.capture import LayerwiseCapture
+from compress.model.evaluate import head_logits
 from compress.ops.slicing import _new_linear, attention_unit_params, group_channels, keep_rows, mlp_unit_params
 from compress.workdir import load, save_atomic
 
@@ -156,11 +157,7 @@ class KlFitness:
         self.cache: list[list[torch.Tensor]] = []  # inputs of every layer under the parent, per window
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        model = self.adapter.model
-        hidden = self.adapter.base_model().norm(hidden)
-        logits = model.get_output_embeddings()(hidden[0]).float()
-        softcap = getattr(model.config, "final_logit_softcapping", None)
-        return torch.tanh(logits / softcap) * softcap if softcap else logits
+        return head_logits(self.adapter.model, self.adapter.base_model().norm(hidden)[0])
 
     @staticmethod
     def _top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,13 +34,8 @@ def layer_shares(before: dict, after: dict) -> dict:
 
 def decoder_zero_fraction(adapter) -> float:
     """Fraction of exact zeros in the decoder linears (what weight-level masks produce)."""
-    zeros = total = 0
-    for index, layer in enumerate(adapter.layers()):
-        with adapter.onloaded(index, write_back=False):
-            for linear in adapter.decoder_linears(layer).values():
-                zeros += int((linear.weight == 0).sum())
-                total += linear.weight.numel()
-    return zeros / total
+    rows = layer_params(adapter)
+    return sum(r["zeros"] for r in rows) / sum(r["attention_params"] + r["mlp_params"] for r in rows)
 
 
 def peak_rss_mib() -> float:
