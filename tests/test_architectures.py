@@ -54,7 +54,7 @@ def load_as_users_do(output, per_layer: bool):
                 ids = IDS.clamp_max(model.config.vocab_size - 1)
                 assert torch.allclose(decoder(ids).last_hidden_state, model.model(ids).last_hidden_state, atol=1e-5)
         else:
-            assert getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None)
+            assert all(hasattr(layer.mlp, "experts") for layer in model.model.layers)
     else:
         model = AutoModelForCausalLM.from_pretrained(output)
     generate = pipeline("text-generation", model=str(output), trust_remote_code=per_layer)

@@ -73,6 +73,18 @@ def test_greedy_obs_removal_is_brute_force_greedy_least_squares():
         assert removal_order(w, h, units, len(expected), 1, dampening=1e-10) == expected
 
 
+def test_greedy_obs_removal_handles_groups_wider_than_128_columns():
+    """SmolLM2's KV groups are 192 columns of o_proj; the CI run of the packaged tyr_50 recipe failed
+    on them with torch's batched LU after set_num_threads (conftest sets it)."""
+    torch.set_num_threads(torch.get_num_threads())
+    torch.manual_seed(0)
+    x = torch.randn(4000, 576, dtype=torch.float64)
+    x[:, :192] *= 3  # the first group carries the most signal, the last the least
+    x[:, 384:] *= 0.1
+    w = torch.randn(64, 576, dtype=torch.float64)
+    assert removal_order(w, x.T @ x / len(x), torch.arange(576).reshape(3, 192), 2) == [2, 1]
+
+
 def test_the_dense_configuration_has_fitness_zero_and_a_pruned_one_does_not(tmp_path):
     model = tiny_llama()
     adapter = get_adapter(model)

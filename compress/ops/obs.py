@@ -125,11 +125,13 @@ def removal_order(weight: torch.Tensor, hessian: torch.Tensor, units: torch.Tens
         if index.shape[1] == 1:
             cost = wu[:, 0].pow(2).sum(1) / blocks[:, 0, 0]
         else:
-            cost = (wu * torch.linalg.solve(blocks, wu)).sum((1, 2))
+            # the blocks are principal submatrices of the positive definite H^-1: Cholesky, never LU
+            # (torch 2.13's batched LU on CPU fails on blocks wider than 128 once set_num_threads ran)
+            cost = (wu * torch.cholesky_solve(wu, torch.linalg.cholesky(blocks))).sum((1, 2))
         take = min(per_round, count - len(order))
         picked = candidates[torch.topk(cost, take, largest=False).indices.sort().values]
         columns = units[picked].reshape(-1)
-        coefficients = torch.linalg.solve(hinv[columns][:, columns], hinv[columns])  # [|P|, in]
+        coefficients = torch.cholesky_solve(hinv[columns], torch.linalg.cholesky(hinv[columns][:, columns]))
         w -= w[:, columns] @ coefficients
         hinv -= hinv[:, columns] @ coefficients
         remaining[picked] = False
