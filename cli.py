@@ -8,6 +8,7 @@
     compress cp flap_20 my_recipe.yaml
     compress push out/flap20 me/smollm2-flap20        # to the Hugging Face Hub, private unless --public
     compress eval model=out/flap20 baseline=out/flap20/report.json max_ratio=1.02   # a perplexity gate for CI
+    compress gguf out/flap20                           # out/flap20/model-f16.gguf for llama.cpp
 """
 
 from __future__ import annotations
@@ -220,20 +221,27 @@ def evaluate(args: list[str] = ARGS, quiet: bool = typer.Option(False, "--quiet"
         max_ratio = float(values.pop("max_ratio", 1.02))
         if baseline is None and gated:
             raise UserError("max_ratio= needs baseline=REPORT (the report.json to compare with)")
-        allowed = {"model", "ppl", "text", "name", "seq_len", "dtype", "threads"}
+        task_keys = ("tasks", "task_paths", "task_limit", "num_fewshot", "task_batch_size")
+        allowed = {"model", "ppl", "text", "name", "seq_len", "dtype", "threads", *task_keys}
         unknown = sorted(set(values) - allowed)
         if unknown:
             raise UserError(f"unknown eval key '{unknown[0]}'; valid keys: {', '.join(sorted(allowed))}")
-        if values.get("ppl") == "none":
-            raise UserError("compress eval measures perplexity, so ppl=none leaves nothing to do; "
-                            "give ppl=quick, ppl=full or a window count")
+        for key in ("tasks", "task_paths"):  # tasks=arc_easy or tasks=[arc_easy,piqa]
+            if isinstance(values.get(key), str):
+                values[key] = [values[key]]
+        if values.get("ppl") == "none" and not values.get("tasks"):
+            raise UserError("compress eval measures perplexity (and tasks=...), so ppl=none alone leaves nothing "
+                            "to do; give ppl=quick, ppl=full, a window count or tasks=[...]")
         try:
             model_cfg = ModelConfig(name=values.get("model"), dtype=values.get("dtype", "float32"))
-            evaluation = EvalConfig(**{k: values[k] for k in ("ppl", "text", "name", "seq_len") if k in values})
+            evaluation = EvalConfig(**{k: values[k] for k in ("ppl", "text", "name", "seq_len", *task_keys)
+                                       if k in values})
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(map(str, first["loc"])) or "text"
             raise UserError(f"eval key '{where}': {first['msg'].removeprefix('Value error, ')}") from None
+        if baseline is not None and evaluation.ppl == "none":
+            raise UserError("baseline= compares perplexity; give ppl=quick, ppl=full or a window count")
         _, config = check_model(model_cfg)
         check_eval(evaluation, ConfigView(config), file_key="text")
         reference = baseline_ppl(str(baseline), evaluation, describe_data(evaluation)) if baseline else None
@@ -242,6 +250,14 @@ def evaluate(args: list[str] = ARGS, quiet: bool = typer.Option(False, "--quiet"
 
             torch.set_num_threads(int(values["threads"]))
         model, tokenizer = load_model(model_cfg.name, model_cfg.dtype)
+        if evaluation.tasks:
+            from compress.model.evaluate import task_scores
+
+            for task, scores in task_scores(model, tokenizer, evaluation).items():
+                typer.echo(f"{task} ({evaluation.num_fewshot}-shot): " + ", ".join(
+                    f"{metric} {value:.4f}" for metric, value in scores.items() if "stderr" not in metric))
+        if evaluation.ppl == "none":
+            return
         value = evaluate_ppl(model, tokenizer, evaluation, Progress(not quiet), "eval")
         typer.echo(f"ppl ({evaluation.ppl}, {evaluation.seq_len} tokens, {describe_data(evaluation)}) {value:.4f}")
         if reference is not None:
@@ -290,6 +306,24 @@ def push(folder: str = typer.Argument(..., help="an export folder written by `co
 
         push_folder(Path(folder), repo_id, public=public, revision=revision, message=message,
                     log=lambda m: typer.echo(m))
+
+    _guard(debug, action)
+
+
+@app.command()
+def gguf(folder: str = typer.Argument(..., help="an export folder written by `compress run`"),
+         output: str = typer.Option(None, "--output", help="the GGUF file (default: FOLDER/model-DTYPE.gguf)"),
+         dtype: str = typer.Option("f16", "--dtype", help="f16, bf16 or f32 (quantize with llama-quantize)"),
+         pre: str = typer.Option(None, "--pre", help="llama.cpp's pre-tokenizer name, when it cannot be inferred"),
+         overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing GGUF file"),
+         debug: bool = DEBUG):
+    """Write a Llama-family export as GGUF for llama.cpp (`deci` when layer widths differ, else `llama`)."""
+
+    def action():
+        from compress.export.gguf import write_gguf
+
+        write_gguf(Path(folder), Path(output) if output else None, dtype=dtype, pre=pre, overwrite=overwrite,
+                   log=lambda m: typer.echo(m))
 
     _guard(debug, action)
 

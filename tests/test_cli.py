@@ -99,7 +99,7 @@ def test_eval_command_speaks_its_own_keys(tiny_recipe):
     wrong_key = runner.invoke(app, ["eval", model, "eval.text=/no/such/test.txt"])
     assert wrong_key.exit_code == 2 and "unknown eval key 'eval.text'" in wrong_key.output
     nothing = runner.invoke(app, ["eval", model, "ppl=none"])
-    assert nothing.exit_code == 2 and "ppl=none leaves nothing to do" in nothing.output
+    assert nothing.exit_code == 2 and "ppl=none alone leaves nothing to do" in nothing.output
     assert "Traceback" not in nothing.output and "internal error" not in nothing.output
     packaged = runner.invoke(app, ["eval", model, "ppl=1", "seq_len=32", "--quiet"])
     assert packaged.exit_code == 0 and "wikitext2 (packaged)" in packaged.output, packaged.output

@@ -3,13 +3,16 @@ loads with the lines a transformers user writes: on the real SmolLM2-135M and on
 
 The loading lines are tests/test_architectures.py's `load_as_users_do`: AutoTokenizer without remote code;
 AutoModelForCausalLM with trust_remote_code for a per-layer export (and a loud failure without it), without it
-for a uniform one; `pipeline("text-generation")` generates. Perplexity is not measured here (eval.ppl=none):
-quality is docs/benchmarks.md's business; this test is about what a user's loading code meets.
+for a uniform one; `pipeline("text-generation")` generates. On SmolLM2 each recipe's perplexity is also pinned
+on a short protocol (4 windows of 128 tokens of the packaged WikiText-2 test text, after the shrunk run): it must
+stay within MAX_RATIO of the value measured at the commit that last changed it (SHORT_PPL), either way: worse is a
+regression, better means the table is stale. The full-protocol figures are docs/benchmarks.md's business.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
@@ -57,6 +60,27 @@ REFUSED.update({("tyr_50", model_type): "mixture-of-experts" for model_type in T
 REFUSED.update({("stun_25", model_type): "has none" for model_type in (*TINY_ARCHITECTURES, "smollm2-135m")})
 
 
+MAX_RATIO = 1.02
+SHORT_EVAL = ["eval.ppl=4", "eval.seq_len=128", "eval.dense=false"]
+# quick-protocol-shaped but short: pruned perplexity of the shrunk run (`COMPRESS_RECORD_SHORT_PPL=FILE pytest
+# tests/test_recipe_exports.py -k smollm2` writes the measured values as JSON lines to paste here)
+SHORT_PPL = {  # measured at the commit that added this table (4 x 64 calibration tokens: far from the
+    # full protocol's figures)
+    "armor_2_4": 443.392,
+    "cfsp_20": 70.837,
+    "flap_20": 90.439,
+    "flap_20_wanda_2_4": 445.516,
+    "flap_50": 875.04,
+    "flap_50_lora": 805.391,
+    "gblm_50": 86.286,
+    "loraprune_20": 3925.018,
+    "sparsegpt_50": 154.386,
+    "tyr_50": 1156.17,
+    "wanda_50": 89.503,
+    "wanda_sp_20": 114.788,
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_packaged_recipe_on_smollm2_loads_with_the_standard_lines(recipe, tmp_path):
@@ -65,7 +89,18 @@ def test_packaged_recipe_on_smollm2_loads_with_the_standard_lines(recipe, tmp_pa
         with pytest.raises(compress.errors.UserError, match=REFUSED[(recipe, "smollm2-135m")]):
             compress.run(recipe, overrides + [f"output={tmp_path / 'out'}"], progress=False, log=lambda _: None)
         return
-    _export_and_load(recipe, overrides, tmp_path / "out")
+    report = _export_and_load(recipe, overrides + SHORT_EVAL, tmp_path / "out")
+    measured = report["ppl"]["pruned"]
+    record = os.environ.get("COMPRESS_RECORD_SHORT_PPL")
+    if record:
+        with open(record, "a") as file:
+            file.write(json.dumps({recipe: round(measured, 3)}) + "\n")
+        return
+    assert recipe in SHORT_PPL, f"no recorded short-protocol perplexity for {recipe} (measured {measured:.3f})"
+    ratio = measured / SHORT_PPL[recipe]
+    assert 1 / MAX_RATIO <= ratio <= MAX_RATIO, (
+        f"{recipe}: short-protocol ppl {measured:.3f} vs recorded {SHORT_PPL[recipe]:.3f} (ratio {ratio:.4f}); "
+        f"{'a regression' if ratio > 1 else 'better than recorded: update SHORT_PPL'}")
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

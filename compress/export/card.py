@@ -65,6 +65,14 @@ def model_card(recipe: Recipe, report: dict, artifacts: dict | None = None) -> s
         dense = f"{ppl['dense']:.2f}" if ppl.get("dense") is not None else "–"
         rows.append(f"| perplexity ({ppl['windows']}, {ppl['seq_len']} tokens, {ppl['text']}) | "
                     f"{dense} | {ppl['pruned']:.2f} |")
+    tasks = report.get("tasks") or {}
+    for task in tasks.get("names", []):
+        for metric in ("acc", "acc_norm"):
+            pruned = (tasks.get("pruned") or {}).get(task, {}).get(metric)
+            if pruned is not None:
+                dense = (tasks.get("dense") or {}).get(task, {}).get(metric)
+                rows.append(f"| {task} {metric} ({tasks['num_fewshot']}-shot, lm-eval) | "
+                            f"{f'{dense:.4f}' if dense is not None else '–'} | {pruned:.4f} |")
     for kind, label in (("forward", "forward tokens/s"), ("generate", "generation tokens/s, batch 1")):
         if speed.get(f"pruned_{kind}_tokens_per_s") is not None:
             dense = speed.get(f"dense_{kind}_tokens_per_s")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -109,3 +110,52 @@ def evaluate_ppl(model, tokenizer, evaluation, progress, label: str, test_ids=No
     windows = eval_windows(test_ids, evaluation.seq_len, evaluation.ppl)
     with progress.bar(f"ppl {label}", len(windows), "win") as update:
         return perplexity(model, windows, update)
+
+
+_MANAGERS: dict = {}
+
+
+def task_manager(evaluation):
+    """lm-eval's task index, with the recipe's own task folders; a UserError without lm-eval or for an
+    unknown task name (raised before any weights load, by preflight)."""
+    from compress.errors import UserError
+
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("eval.tasks needs lm-eval-harness: pip install 'compress[eval]' (or lm-eval)") from None
+    for path in evaluation.task_paths:
+        if not Path(path).expanduser().exists():
+            raise UserError(f"eval.task_paths: {path} does not exist")
+    paths = tuple(str(Path(p).expanduser().resolve()) for p in evaluation.task_paths)
+    if paths not in _MANAGERS:  # indexing lm-eval's ~15,000 task files takes seconds: once per process
+        _MANAGERS[paths] = TaskManager(include_path=list(paths) or None)
+    manager = _MANAGERS[paths]
+    unknown = [task for task in evaluation.tasks if task not in manager.all_tasks]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3)
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise UserError(f"eval.tasks: lm-eval has no task {unknown[0]!r}{hint}; `lm-eval ls tasks` lists them")
+    return manager
+
+
+@torch.no_grad()
+def task_scores(model, tokenizer, evaluation, manager=None) -> dict:
+    """Accuracy on `evaluation.tasks` with lm-eval's HFLM wrapping the model in memory (the tokenizer passed
+    explicitly): {task: {metric: value}} with acc / acc_norm and their standard errors where the task has them."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    model.eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=evaluation.task_batch_size,
+              device=str(model_device(model)), max_length=getattr(model.config, "max_position_embeddings", None))
+    results = simple_evaluate(model=lm, tasks=list(evaluation.tasks), num_fewshot=evaluation.num_fewshot,
+                              limit=evaluation.task_limit, task_manager=manager or task_manager(evaluation),
+                              bootstrap_iters=1000, log_samples=False, verbosity="ERROR")
+    scores = {}
+    for task, values in results["results"].items():
+        scores[task] = {key.split(",")[0]: float(value) for key, value in values.items()
+                        if "," in key and isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return scores

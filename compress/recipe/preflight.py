@@ -62,6 +62,10 @@ def check_model(model: ModelConfig) -> tuple[str, dict | None]:
 
 
 def check_eval(evaluation: EvalConfig, view: ConfigView, file_key: str = "eval.text") -> None:
+    if evaluation.tasks:
+        from compress.model.evaluate import task_manager
+
+        task_manager(evaluation)  # lm-eval installed, every task known
     if evaluation.ppl == "none":
         return
     if evaluation.source in ("text", "jsonl") and not Path(evaluation.text or "").expanduser().is_file():

@@ -57,6 +57,13 @@ class EvalConfig(DataSource):
     seq_len: int = Field(512, ge=8)
     dense: bool = True
     speed: bool = False
+    # zero-shot accuracy through lm-eval-harness (pip install 'compress[eval]'): task names as lm-eval spells
+    # them, folders or YAML files of your own tasks, examples per task (all when unset), shots, batch size
+    tasks: list[str] = Field(default_factory=list)
+    task_paths: list[str] = Field(default_factory=list)
+    task_limit: int | None = Field(None, ge=1)
+    num_fewshot: int = Field(0, ge=0)
+    task_batch_size: int = Field(8, ge=1)
 
     @classmethod
     def _file_key(cls) -> str:

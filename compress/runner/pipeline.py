@@ -25,7 +25,13 @@ from compress.export.card import layers_png, model_card
 from compress.export.checkpoint import layer_layout, write_checkpoint
 from compress.methods import METHODS
 from compress.methods.base import StageResult
-from compress.model.evaluate import evaluate_ppl, forward_tokens_per_second, generation_tokens_per_second
+from compress.model.evaluate import (
+    evaluate_ppl,
+    forward_tokens_per_second,
+    generation_tokens_per_second,
+    task_manager,
+    task_scores,
+)
 from compress.model.loading import load_model
 from compress.model.memory import return_freed_memory_promptly
 from compress.model.offload import OFFLOAD_MMAP_THRESHOLD, is_offloaded
@@ -64,6 +70,8 @@ class RunState:
     peak_by_phase: dict = field(default_factory=dict)  # process peak RSS (MiB) at the end of each phase
     ppl: dict = field(default_factory=dict)
     speed: dict = field(default_factory=dict)
+    tasks: dict = field(default_factory=dict)  # lm-eval accuracy: {"dense"|"pruned": {task: {metric: value}}}
+    task_manager: object = None
     report: dict = field(default_factory=dict)
 
     @contextmanager
@@ -103,7 +111,7 @@ def run(recipe: Recipe, progress: bool = True, log=print, export: bool = True, r
                 calibrate(state)
             with state.phase("prune", since=prune_start):
                 run_stages(state)
-            if recipe.eval.ppl != "none":
+            if recipe.eval.ppl != "none" or recipe.eval.tasks:
                 measure(state, "pruned")
             build_report(state)
             if state.export:
@@ -176,8 +184,14 @@ def measure(state: RunState, label: str) -> None:
                 for kind in ("forward", "generate"):
                     state.speed[f"{kind}_speedup"] = (state.speed[f"pruned_{kind}_tokens_per_s"]
                                                       / state.speed[f"dense_{kind}_tokens_per_s"])
+        if state.recipe.eval.tasks:
+            if state.task_manager is None:
+                state.task_manager = task_manager(state.recipe.eval)
+            state.tasks[label] = task_scores(state.model, state.tokenizer, state.recipe.eval, state.task_manager)
     if state.ppl[label] is not None:
         state.log(f"{label} ppl {state.ppl[label]:.2f}")
+    for task, scores in state.tasks.get(label, {}).items():
+        state.log(f"{label} {task} " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if "stderr" not in k))
 
 
 def calibrate(state: RunState) -> None:
@@ -210,6 +224,8 @@ def build_report(state: RunState) -> None:
                      "zero_fraction_decoder_linear": sum(r["zeros"] for r in after) / max(linear_after, 1)},
         "ppl": state.ppl,
         "speed": state.speed,
+        **({"tasks": {"names": list(recipe.eval.tasks), "num_fewshot": recipe.eval.num_fewshot,
+                      "limit": recipe.eval.task_limit, **state.tasks}} if recipe.eval.tasks else {}),
         "seconds": state.seconds,
         "versions": versions(),
     })
