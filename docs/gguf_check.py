@@ -6,11 +6,12 @@
 For each export (the two defaults, gguf_flap_20 and gguf_flap_20_uniform, are made on first use under
 $BENCH_DIR, default /tmp/compress-bench, by `compress run recipe=flap_20 model=smollm2-135m` and the same
 with `stages.0.uniform=true`):
-1. `compress gguf` writes the GGUF (f32 and f16);
+1. `compress gguf` writes the GGUF (f32 and f16) to $BENCH_DIR/gguf/;
 2. our perplexity: `compress.load(folder)` and `compress.model.evaluate.perplexity` on the first
    `--windows` 512-token windows of the packaged wiki.test.raw (the `quick` protocol is 64);
 3. llama.cpp's: `llama_cpp.Llama` (llama-cpp-python, which builds llama.cpp on install) evaluates each
-   window's token ids (no tokenizer in between) with all logits kept; NLL from its logits;
+   window's token ids (no tokenizer in between) with all logits kept; NLL from its logits (the f32 file
+   with a float32 KV cache, the f16 file with llama.cpp's default float16 one);
 4. the tokenizer: llama.cpp's tokenization of the first 20,000 characters of the test text against
    transformers' (same ids or not).
 Prints one markdown row per export and precision:
@@ -77,9 +78,12 @@ def check(folder: Path, windows_count: int) -> list[str]:
         first = model(windows[:1]).logits[0].double().numpy()
     rows = []
     for dtype in ("f32", "f16"):
-        path = write_gguf(folder, folder / f"model-{dtype}.gguf", dtype=dtype, overwrite=True)["path"]
+        target = BENCH_DIR / "gguf" / f"{folder.name}-{dtype}.gguf"  # beside, never inside, the export
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path = write_gguf(folder, target, dtype=dtype, overwrite=True)["path"]
+        cache = {"type_k": 0, "type_v": 0} if dtype == "f32" else {}  # GGML_TYPE_F32 KV cache for the f32 file
         llm = Llama(model_path=path, n_ctx=512, n_batch=512, n_ubatch=512, logits_all=True, n_threads=2,
-                    verbose=False)
+                    verbose=False, **cache)
         nlls, difference = [], None
         for index, window in enumerate(windows.tolist()):
             nll, logits = _llama_nll(llm, window)
@@ -88,7 +92,8 @@ def check(folder: Path, windows_count: int) -> list[str]:
                 difference = float(np.abs(logits - first).max())
         theirs = math.exp(sum(nlls) / len(nlls))
         sample = text[:20000]
-        same = llm.tokenize(sample.encode(), add_bos=False, special=False) == tokenizer(sample)["input_ids"]
+        same = (llm.tokenize(sample.encode(), add_bos=False, special=False)
+                == tokenizer(sample, add_special_tokens=False)["input_ids"])
         size = Path(path).stat().st_size / 2**20
         arch = llm.metadata.get("general.architecture")
         rows.append(f"| {folder.name} | {arch} {dtype} | {size:.0f} | {len(windows)} | {ours:.3f} | {theirs:.3f} | "

@@ -115,6 +115,11 @@ def test_the_tokenizer_travels_with_its_pre_tokenizer(exports, tmp_path):
     assert all(tokens[index] == text for text, index in vocab.items())
     assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == vocab["</s>"]
     assert reader.fields["tokenizer.ggml.merges"].contents()  # BPE merges, or llama.cpp cannot tokenize
+    from gguf import TokenType
+
+    types = reader.fields["tokenizer.ggml.token_type"].contents()  # special tokens stay whole in llama.cpp
+    assert [types[vocab[t]] for t in ("<unk>", "<s>", "</s>")] == [TokenType.CONTROL] * 3
+    assert types[vocab["Ġthe"]] == TokenType.NORMAL
 
 
 def test_a_layer_without_mlp_channels_is_padded_with_one_zero_channel(exports, tmp_path):

@@ -71,7 +71,8 @@ def model_card(recipe: Recipe, report: dict, artifacts: dict | None = None) -> s
             pruned = (tasks.get("pruned") or {}).get(task, {}).get(metric)
             if pruned is not None:
                 dense = (tasks.get("dense") or {}).get(task, {}).get(metric)
-                rows.append(f"| {task} {metric} ({tasks['num_fewshot']}-shot, lm-eval) | "
+                subset = f", first {tasks['limit']} examples" if tasks.get("limit") else ""
+                rows.append(f"| {task} {metric} ({tasks['num_fewshot']}-shot{subset}, lm-eval) | "
                             f"{f'{dense:.4f}' if dense is not None else '–'} | {pruned:.4f} |")
     for kind, label in (("forward", "forward tokens/s"), ("generate", "generation tokens/s, batch 1")):
         if speed.get(f"pruned_{kind}_tokens_per_s") is not None:

@@ -4,22 +4,23 @@ Uniform exports become llama.cpp's `llama` architecture. Per-layer ones become `
 reads the query heads, KV heads and FFN width of every layer from arrays
 (`deci.attention.head_count`, `deci.attention.head_count_kv`, `deci.feed_forward_length`), so the
 kept heads and channels of FLAP, CFSP, Wanda-sp or Týr load as they are, whole KV groups removed
-included. What the two graphs cannot hold is refused before anything is written: q/k norms (Qwen3,
-Gemma 3), Gemma's embedding scale and soft-capping, biases on q/k/v or gate/up that are not zero,
-ARMOR's factorized linears, mixture-of-experts layers, and RoPE scaling other than none.
+included. Refused before anything is written: q/k norms (Qwen3, Gemma 3), Gemma's embedding scale and
+soft-capping, biases on q/k/v or gate/up that are not zero (not written yet), ARMOR's factorized
+linears, mixture-of-experts layers, RoPE scaling, and MLP activations other than SiLU.
 
 FLAP's compensation biases live where llama.cpp has optional tensors: `blk.N.attn_output.bias`
 and `blk.N.ffn_down.bias` (both graphs add them); nothing is folded or dropped. Two corner cases are
 padded exactly: a layer whose MLP lost every channel gets one zero channel (llama.cpp's deci graph
 skips the rest of a layer whose FFN width is 0, attention output included), and a layer whose
-attention lost every head but keeps an output bias gets one zero head (a head-free deci layer has no
-attention output, so it would drop the bias). Zero weights give zero outputs: the padding changes
-no logit.
+attention lost every head gets one zero head (a head-free deci layer loads no attention tensors, so
+it would drop an output bias, and a head-free first layer would size every layer's heads at 0).
+Zero weights give zero outputs: the padding changes no logit.
 
 q and k are permuted from the Hugging Face half-split rotary layout to llama.cpp's interleaved one,
 per head, as llama.cpp's own converter does. The tokenizer is written with the `gguf` package's
-vocabularies (GPT-2 byte-level BPE, or SentencePiece-style BPE with byte fallback); the
-pre-tokenizer name is read from tokenizer.json's rules (`PRE_TOKENIZERS`) or given as `pre=`.
+byte-level BPE vocabulary (SmolLM, Llama 3; SentencePiece-style tokenizers are refused for now),
+special tokens typed CONTROL; llama.cpp's pre-tokenizer name is read from tokenizer.json's rules
+(`PRE_TOKENIZERS`) or given with `--pre`. Mistral's sliding window is not written (a note says so).
 """
 
 from __future__ import annotations
@@ -38,22 +39,30 @@ DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 # tokenizer.json's pre-tokenizer rules -> llama.cpp's name for them (src/llama-vocab.cpp)
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT2_BYTES = "ByteLevel(use_regex=True,add_prefix_space=False)"  # the GPT-2 regex, then bytes
 PRE_TOKENIZERS = {
-    "ByteLevel": "gpt-2",  # the GPT-2 regex alone (SmolLM2's tokenizer as transformers rebuilds it from GGUF)
-    "Digits+ByteLevel": "smollm",  # SmolLM's original: every digit apart, then the GPT-2 regex
-    f"Split:{LLAMA3_SPLIT}+ByteLevel": "llama-bpe",
+    GPT2_BYTES: "gpt-2",  # SmolLM2's tokenizer as transformers rebuilds it from GGUF
+    f"Digits(individual_digits=True)+{GPT2_BYTES}": "smollm",  # SmolLM's original: every digit apart first
+    f"Split({LLAMA3_SPLIT})+ByteLevel(use_regex=False,add_prefix_space=False)": "llama-bpe",
 }
 
 
 def _pre_tokenizer_key(tokenizer: dict) -> str:
+    """tokenizer.json's pre-tokenizer rules with the options that change the split: `Digits(...)+ByteLevel(...)`."""
     rule = tokenizer.get("pre_tokenizer") or {}
     parts = rule.get("pretokenizers", [rule]) if rule.get("type") == "Sequence" else [rule]
     names = []
     for part in parts:
-        if part.get("type") == "Split":
-            names.append(f"Split:{(part.get('pattern') or {}).get('Regex', '')}")
-        elif part.get("type"):
-            names.append(part["type"])
+        kind = part.get("type")
+        if kind == "Split":
+            names.append(f"Split({(part.get('pattern') or {}).get('Regex', '')})")
+        elif kind == "ByteLevel":
+            names.append(f"ByteLevel(use_regex={part.get('use_regex', True)},"
+                         f"add_prefix_space={part.get('add_prefix_space', False)})")
+        elif kind == "Digits":
+            names.append(f"Digits(individual_digits={part.get('individual_digits', False)})")
+        elif kind:
+            names.append(kind)
     return "+".join(names)
 
 
@@ -75,8 +84,11 @@ def _refuse(config: dict, base: str) -> None:
     if config.get("num_local_experts") or config.get("num_experts"):
         raise UserError("mixture-of-experts exports are not written as GGUF yet (llama.cpp's deci graph is dense)")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise UserError(f"RoPE scaling {rope.get('rope_type')!r} is not written to GGUF yet; only unscaled RoPE")
+    scaling = rope.get("rope_type", rope.get("type", "default"))
+    if scaling != "default":
+        raise UserError(f"RoPE scaling {scaling!r} is not written to GGUF yet; only unscaled RoPE")
+    if config.get("hidden_act", "silu") != "silu":
+        raise UserError(f"hidden_act {config['hidden_act']!r}: llama.cpp's llama/deci graphs gate the MLP with SiLU")
 
 
 def _padded(name: str, tensor: torch.Tensor, layer: dict, head_dim: int) -> torch.Tensor:
@@ -93,25 +105,39 @@ def _padded(name: str, tensor: torch.Tensor, layer: dict, head_dim: int) -> torc
 
 
 def _add_tokenizer(writer, folder: Path, vocab_size: int, pre: str | None) -> str:
+    """GPT-2-style byte-level BPE (merges, pre-tokenizer name, special tokens typed CONTROL as llama.cpp's
+    own converter types them, so `<|im_start|>` in a chat template stays one token)."""
     import gguf
 
-    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{folder} has no tokenizer.json; GGUF needs the tokenizer's vocabulary")
+    tokenizer = json.loads(path.read_text())
     model = tokenizer.get("model", {})
-    if model.get("type") == "BPE" and not model.get("byte_fallback"):
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = "SentencePiece-style (byte fallback)" if model.get("byte_fallback") else repr(model.get("type"))
+        raise UserError(f"a {kind} tokenizer is not written to GGUF yet (byte-level BPE only: SmolLM, Llama 3); "
+                        f"use llama.cpp's convert_hf_to_gguf.py on a uniform export")
+    key = _pre_tokenizer_key(tokenizer)
+    pre = pre or PRE_TOKENIZERS.get(key)
+    if pre is None:
+        raise UserError(f"tokenizer.json's pre-tokenizer ({key[:100]}) has no known llama.cpp name; give it with "
+                        f"--pre NAME (the names are in llama.cpp's src/llama-vocab.cpp)")
+    try:
         vocab = gguf.vocab.BpeVocab(folder)
-        pre = pre or PRE_TOKENIZERS.get(_pre_tokenizer_key(tokenizer))
-        if pre is None:
-            raise UserError(f"tokenizer.json's pre-tokenizer ({_pre_tokenizer_key(tokenizer)[:80]}) has no known "
-                            f"llama.cpp name; give it as pre=NAME (see llama.cpp's src/llama-vocab.cpp)")
-    elif model.get("type") == "BPE":
-        vocab, pre = gguf.vocab.LlamaHfVocab(folder), pre or "default"
-    else:
-        raise UserError(f"a {model.get('type')!r} tokenizer is not written to GGUF; BPE tokenizers only")
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"tokenizer.json cannot be read as byte-level BPE: {err}") from None
+    added = {item["content"]: item.get("special", False) for item in tokenizer.get("added_tokens", [])}
     tokens, scores, types = [], [], []
     for text, score, kind in vocab.all_tokens():
+        name = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+        if name in added:  # added tokens, in the base vocabulary or after it
+            kind = gguf.TokenType.CONTROL if added[name] else gguf.TokenType.USER_DEFINED
         tokens.append(text)
         scores.append(score)
         types.append(kind)
+    if len(tokens) > vocab_size:
+        raise UserError(f"the tokenizer has {len(tokens)} tokens but the embedding only {vocab_size} rows")
     while len(tokens) < vocab_size:  # embedding rows past the tokenizer's vocabulary
         tokens.append(f"[PAD{len(tokens)}]".encode())
         scores.append(-1000.0)
@@ -121,8 +147,7 @@ def _add_tokenizer(writer, folder: Path, vocab_size: int, pre: str | None) -> st
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)).add_to_gguf(
-        writer, quiet=True)
+    gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
     return pre
 
 
@@ -161,11 +186,12 @@ def write_gguf(folder: Path, output: Path | None = None, dtype: str = "f16", pre
     for name, handle in handles.items():  # biases llama.cpp cannot place must be zero
         if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "gate_proj.bias", "up_proj.bias")):
             if handle.get_tensor(name).count_nonzero():
-                raise UserError(f"{name} is not zero and llama.cpp's graph has no place for it; GGUF not written")
+                raise UserError(f"{name} is not zero; this exporter writes output biases only (FLAP's), GGUF not "
+                                f"written")
     for i, shape in enumerate(shapes):
         if shape["ff"] == 0:
             shape["pad_ff"], shape["ff"] = True, 1
-        if shape["heads"] == 0 and f"model.layers.{i}.self_attn.o_proj.bias" in handles:
+        if shape["heads"] == 0:  # deci creates no attention tensors then, and layer 0's would size every head
             shape["pad_head"], shape["heads"], shape["kv_heads"] = True, 1, 1
     uniform = not per_layer and len({(s["heads"], s["kv_heads"], s["ff"]) for s in shapes}) == 1
     arch = gguf.MODEL_ARCH.LLAMA if uniform else gguf.MODEL_ARCH.DECI
@@ -173,7 +199,7 @@ def write_gguf(folder: Path, output: Path | None = None, dtype: str = "f16", pre
     qtype = getattr(gguf.GGMLQuantizationType, DTYPES[dtype])
 
     partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch])
+    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch], use_temp_file=True)  # tensors spill to disk
     try:
         writer.add_name(folder.name)
         writer.add_context_length(config.get("max_position_embeddings", 2048))
@@ -187,7 +213,7 @@ def write_gguf(folder: Path, output: Path | None = None, dtype: str = "f16", pre
         writer.add_value_length(head_dim)
         writer.add_rope_dimension_count(head_dim)
         rope = config.get("rope_parameters") or {}
-        writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+        writer.add_rope_freq_base(float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0))
         writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
         writer.add_vocab_size(config["vocab_size"])
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

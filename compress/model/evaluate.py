@@ -143,19 +143,37 @@ def task_manager(evaluation):
 
 @torch.no_grad()
 def task_scores(model, tokenizer, evaluation, manager=None) -> dict:
-    """Accuracy on `evaluation.tasks` with lm-eval's HFLM wrapping the model in memory (the tokenizer passed
-    explicitly): {task: {metric: value}} with acc / acc_norm and their standard errors where the task has them."""
+    """Accuracy on `evaluation.tasks` with lm-eval's HFLM wrapping the model in memory: {task: {metric: value}}
+    (acc, acc_norm and their standard errors where the task has them; a filter other than lm-eval's
+    `none` is named in brackets). The tokenizer goes in as a copy: HFLM may give it a pad token, and the
+    export must keep the source's. Under `accelerate launch` the main process evaluates, the others get {}."""
+    import copy
+    import logging
+
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from compress.model.processes import is_main_process
+
+    if not is_main_process():
+        return {}
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=evaluation.task_batch_size,
-              device=str(model_device(model)), max_length=getattr(model.config, "max_position_embeddings", None))
-    results = simple_evaluate(model=lm, tasks=list(evaluation.tasks), num_fewshot=evaluation.num_fewshot,
-                              limit=evaluation.task_limit, task_manager=manager or task_manager(evaluation),
-                              bootstrap_iters=1000, log_samples=False, verbosity="ERROR")
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=evaluation.task_batch_size,
+                  max_length=getattr(model.config, "max_position_embeddings", None), softmax_dtype=torch.float32)
+        results = simple_evaluate(model=lm, tasks=list(evaluation.tasks), num_fewshot=evaluation.num_fewshot,
+                                  limit=evaluation.task_limit, task_manager=manager or task_manager(evaluation),
+                                  bootstrap_iters=1000, log_samples=False)
+    finally:
+        logger.setLevel(level)
     scores = {}
-    for task, values in results["results"].items():
-        scores[task] = {key.split(",")[0]: float(value) for key, value in values.items()
-                        if "," in key and isinstance(value, (int, float)) and not isinstance(value, bool)}
+    for task, values in (results or {}).get("results", {}).items():
+        scores[task] = {}
+        for key, value in values.items():
+            metric, comma, kind = key.partition(",")
+            if comma and isinstance(value, (int, float)) and not isinstance(value, bool):
+                scores[task][metric if kind == "none" else f"{metric} ({kind})"] = float(value)
     return scores
