@@ -75,6 +75,7 @@ ROWS = {
     "tyr_50_no_search": "recipe=tyr_50 stages.0.rounds=1 stages.0.generations=0",
     "tyr_50_dense_inputs": "recipe=tyr_50 stages.0.accumulation=dense",
     "tyr_20": "recipe=tyr_50 sparsity=0.2",
+    "tyr_20_dense_inputs": "recipe=tyr_50 sparsity=0.2 stages.0.accumulation=dense",
     "cfsp_20_both": "recipe=cfsp_20 stages.0.targets=both",
     "cfsp_50_both": "recipe=cfsp_20 sparsity=0.5 stages.0.targets=both",
     "cfsp_20_released": "recipe=cfsp_20 stages.0.score=released stages.0.compensation=none",
