@@ -251,11 +251,10 @@ def evaluate(args: list[str] = ARGS, quiet: bool = typer.Option(False, "--quiet"
             torch.set_num_threads(int(values["threads"]))
         model, tokenizer = load_model(model_cfg.name, model_cfg.dtype)
         if evaluation.tasks:
-            from compress.model.evaluate import task_scores
+            from compress.model.evaluate import scores_line, task_scores
 
             for task, scores in task_scores(model, tokenizer, evaluation).items():
-                typer.echo(f"{task} ({evaluation.num_fewshot}-shot): " + ", ".join(
-                    f"{metric} {value:.4f}" for metric, value in scores.items() if "stderr" not in metric))
+                typer.echo(f"{task} ({evaluation.num_fewshot}-shot): {scores_line(scores)}")
         if evaluation.ppl == "none":
             return
         value = evaluate_ppl(model, tokenizer, evaluation, Progress(not quiet), "eval")

@@ -142,7 +142,7 @@ def task_manager(evaluation):
 
 
 @torch.no_grad()
-def task_scores(model, tokenizer, evaluation, manager=None) -> dict:
+def task_scores(model, tokenizer, evaluation) -> dict:
     """Accuracy on `evaluation.tasks` with lm-eval's HFLM wrapping the model in memory: {task: {metric: value}}
     (acc, acc_norm and their standard errors where the task has them; a filter other than lm-eval's
     `none` is named in brackets). The tokenizer goes in as a copy: HFLM may give it a pad token, and the
@@ -165,7 +165,7 @@ def task_scores(model, tokenizer, evaluation, manager=None) -> dict:
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=evaluation.task_batch_size,
                   max_length=getattr(model.config, "max_position_embeddings", None), softmax_dtype=torch.float32)
         results = simple_evaluate(model=lm, tasks=list(evaluation.tasks), num_fewshot=evaluation.num_fewshot,
-                                  limit=evaluation.task_limit, task_manager=manager or task_manager(evaluation),
+                                  limit=evaluation.task_limit, task_manager=task_manager(evaluation),
                                   bootstrap_iters=1000, log_samples=False)
     finally:
         logger.setLevel(level)
@@ -177,3 +177,8 @@ def task_scores(model, tokenizer, evaluation, manager=None) -> dict:
             if comma and isinstance(value, (int, float)) and not isinstance(value, bool):
                 scores[task][metric if kind == "none" else f"{metric} ({kind})"] = float(value)
     return scores
+
+
+def scores_line(scores: dict) -> str:
+    """One task's metrics for a log line, standard errors left out: `acc 0.5833, acc_norm 0.3333`."""
+    return ", ".join(f"{metric} {value:.4f}" for metric, value in scores.items() if "stderr" not in metric)

@@ -29,7 +29,7 @@ from compress.model.evaluate import (
     evaluate_ppl,
     forward_tokens_per_second,
     generation_tokens_per_second,
-    task_manager,
+    scores_line,
     task_scores,
 )
 from compress.model.loading import load_model
@@ -71,7 +71,6 @@ class RunState:
     ppl: dict = field(default_factory=dict)
     speed: dict = field(default_factory=dict)
     tasks: dict = field(default_factory=dict)  # lm-eval accuracy: {"dense"|"pruned": {task: {metric: value}}}
-    task_manager: object = None
     report: dict = field(default_factory=dict)
 
     @contextmanager
@@ -184,14 +183,12 @@ def measure(state: RunState, label: str) -> None:
                 for kind in ("forward", "generate"):
                     state.speed[f"{kind}_speedup"] = (state.speed[f"pruned_{kind}_tokens_per_s"]
                                                       / state.speed[f"dense_{kind}_tokens_per_s"])
-        if state.recipe.eval.tasks:
-            if state.task_manager is None:
-                state.task_manager = task_manager(state.recipe.eval)
-            state.tasks[label] = task_scores(state.model, state.tokenizer, state.recipe.eval, state.task_manager)
+        if state.recipe.eval.tasks:  # lm-eval's task index is built once per process (evaluate.task_manager)
+            state.tasks[label] = task_scores(state.model, state.tokenizer, state.recipe.eval)
     if state.ppl[label] is not None:
         state.log(f"{label} ppl {state.ppl[label]:.2f}")
     for task, scores in state.tasks.get(label, {}).items():
-        state.log(f"{label} {task} " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if "stderr" not in k))
+        state.log(f"{label} {task} {scores_line(scores)}")
 
 
 def calibrate(state: RunState) -> None:
