@@ -5,7 +5,7 @@ import torch
 
 from compress.errors import NumericalError
 from compress.ops.masks import follows_nm, nm_mask
-from compress.ops.obs import damped, prune_columns, remove_inputs
+from compress.ops.obs import damped, inverse_cholesky, prune_columns, remove_inputs
 
 
 def problem(rows=6, cols=16, tokens=400, seed=0):
@@ -19,6 +19,21 @@ def problem(rows=6, cols=16, tokens=400, seed=0):
 
 def output_error(x, weight, new):
     return float(((x @ (new - weight).T) ** 2).mean())
+
+
+def test_inverse_cholesky_is_the_upper_factor_of_the_inverse():
+    """U^T U = (damped H)^-1 with U upper triangular, positive diagonal: the factor SparseGPT sweeps with
+    (equal to the Cholesky of the explicit inverse, which it replaced for speed)."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 40, generator=generator, dtype=torch.float64) * torch.linspace(0.1, 3, 40, dtype=torch.float64)
+    hessian = x.T @ x / 300
+    upper, dead = inverse_cholesky(hessian, dampening=0.01)
+    h, _ = damped(hessian, 0.01)
+    assert not dead.any()
+    assert torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
+    torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(h), rtol=1e-10, atol=1e-12)
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    torch.testing.assert_close(upper, reference, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -61,13 +61,21 @@ def _cholesky(h: torch.Tensor, dampening: float, name: str, upper: bool = False)
 def inverse_cholesky(hessian: torch.Tensor, dampening: float = 0.01, name: str = "a linear"):
     """Upper Cholesky factor U of (damped H)^-1 (U^T U = H^-1), float64, and the dead-input mask.
 
-    At most two float64 copies of H are alive at once (for a 28,672-wide input: 2 x 6.6 GB)."""
+    With J the reversal of the inputs' order, J H J = M M^T (M lower triangular) gives
+    H^-1 = J M^-T M^-1 J = U^T U for U = J M^-1 J, which is upper triangular with a positive diagonal:
+    the Cholesky factor of H^-1 itself (it is unique). One Cholesky and one triangular solve instead of
+    a Cholesky, torch's `cholesky_inverse` (slow on CPU: 12 s at width 4,096 on 2 cores, against 4 s for
+    the whole of this) and a second Cholesky that could fail on rounding. At most two float64 copies of
+    H are alive at once (for a 28,672-wide input: 2 x 6.6 GB)."""
     h, dead = damped(hessian, dampening)
-    lower = _cholesky(h, dampening, name)
+    flipped = h.flip(0, 1)
     del h
-    inverse = torch.cholesky_inverse(lower)
+    lower = _cholesky(flipped, dampening, name)
+    del flipped
+    inverse = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
     del lower
-    return _cholesky(inverse, dampening, name, upper=True), dead
+    return inverse.flip(0, 1), dead
 
 
 def remove_inputs(weight: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor, dampening: float = 0.01,
