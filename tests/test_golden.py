@@ -128,16 +128,16 @@ GOLDEN: dict[str, dict[str, str]] = {
         "report.json": "239525bd57103d35470bd65d153a1eac6718eda05adfc2ba4e02ca0e19674f2b",
     },
     "sparsegpt-50": {
-        "model.safetensors": "3d8607b65680ee771828e99048ade7686e16ae153b26238d0649d92d4ba52764",
-        "report.json": "40522341f951f8c785d0a524c436bb6ccf3ba91e85a331696369fac381ae15ad",
+        "model.safetensors": "d182915c6eda351eeb90b503f4d2a18cc2e2f05ef8da9085f6a2f3ba7dfe5ce8",
+        "report.json": "cc4b1a9496813ad6b17acb800053a7ae3ff2eaf8fc23c93c6be92218310b92f5",
     },
     "sparsegpt-2:4": {
-        "model.safetensors": "7a973cfd2594df666be2626743533d946539ad6649a725cddb2adffdedc31d03",
+        "model.safetensors": "7028c04e88bdf9b6d48e2bfbdbc58c4518d2d6427e4411fa902e6ffe8e1fff2b",
         "report.json": "01eebf3376f2604120579423df0e769d8f266ed613efbceecb071134148f8d61",
     },
     "moe-sparsegpt-2:4": {
-        "model.safetensors": "1443107049528a44e23fc826e510abbec05c619704fd34976db4df8f31bd84e5",
-        "report.json": "61c6cde8a6fb6babd38b0a6e939df24af846c0ee24d515283eae3eb584b1d195",
+        "model.safetensors": "bdc42f1cc6a8ca4739d4d2db61a3f0be2f4d036eeae45c852c41c7dbc182dcfe",
+        "report.json": "593e23e93d96bb19f4c9ad262158d4f964b072adf928bf4d4c7a51bd03023fa9",
     },
     "offload-flap": {
         "model.safetensors": "fab4c9f899002ccbd8a0f7300eaf43e97db886b349eff7623a9cfd746b2fc954",

@@ -31,7 +31,6 @@ import torch
 from compress.errors import NumericalError
 
 RETRIES = 3
-SUB_BLOCK = 16  # columns swept between GEMM updates of the rest of a block (exact: only the order of sums)
 
 
 def damped(hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,22 +195,16 @@ def prune_columns(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, 
         else:
             block_pruned = torch.zeros_like(block, dtype=torch.bool)
         n, m = nm if nm is not None else (0, 0)
-        width = end - start
-        for sub in range(0, width, SUB_BLOCK):  # the same lazy update one level down: a GEMM per sub-block
-            sub_end = min(sub + SUB_BLOCK, width)
-            for i in range(sub, sub_end):
-                if nm is not None and i % m == 0:
-                    group = block[:, i:i + m].pow(2) / pivots[i:i + m].pow(2)
-                    block_pruned[:, i:i + m].scatter_(1, torch.topk(group, m - n, dim=1, largest=False).indices,
-                                                      True)
-                column = block[:, i]
-                kept = torch.where(block_pruned[:, i], 0.0, column)
-                error = (column - kept) / pivots[i]
-                block[:, i:sub_end].addr_(error, u_block[i, i:sub_end], alpha=-1)
-                block[:, i] = kept  # exactly zero where pruned
-                errors[:, i] = error
-            if sub_end < width:
-                block[:, sub_end:].sub_(errors[:, sub:sub_end] @ u_block[sub:sub_end, sub_end:])
+        for i in range(end - start):
+            if nm is not None and i % m == 0:
+                group = block[:, i:i + m].pow(2) / pivots[i:i + m].pow(2)
+                block_pruned[:, i:i + m].scatter_(1, torch.topk(group, m - n, dim=1, largest=False).indices, True)
+            column = block[:, i]
+            kept = torch.where(block_pruned[:, i], torch.zeros_like(column), column)
+            error = (column - kept) / pivots[i]
+            block[:, i:].sub_(error[:, None] * u_block[i, i:][None, :])
+            block[:, i] = kept  # exactly zero where pruned
+            errors[:, i] = error
         w[:, start:end] = block
         pruned[:, start:end] = block_pruned
         if end < cols:
