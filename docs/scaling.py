@@ -22,7 +22,6 @@ case already measured at the current commit is not run again.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shlex
@@ -34,6 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "docs"))
+from bench import timed as bench_timed  # noqa: E402
+
 OUT = Path(os.environ.get("BENCH_DIR", "/tmp/compress-bench")) / "scaling"
 RESULTS = OUT / "results.jsonl"
 SEQ_LEN = 512
@@ -131,15 +133,19 @@ def build(name: str, folder: Path) -> None:
 
 
 def shape_of(name: str) -> dict:
-    """Parameter counts and widths from the checkpoint's config (embeddings tied: counted once)."""
-    config = json.loads((model_folder(name) / "config.json").read_text())
-    h, f, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim = config.get("head_dim") or h // heads
-    layer = h * heads * head_dim * 2 + h * kv * head_dim * 2 + 3 * h * f + 2 * h
-    params = layers * layer + config["vocab_size"] * h + h
-    return {"hidden": h, "width": f, "layers": layers, "heads": heads, "kv_heads": kv, "layer_params": layer,
-            "params": params, "vocab": config["vocab_size"]}
+    """Parameter counts (the report's own count, tied embeddings once) and widths, from a meta-device model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compress.runner.report import model_params
+
+    config = AutoConfig.from_pretrained(model_folder(name))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {"hidden": config.hidden_size, "width": config.intermediate_size, "layers": config.num_hidden_layers,
+            "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+            "layer_params": model_params(model.model.layers[0]), "params": model_params(model),
+            "vocab": config.vocab_size}
 
 
 # --- running one case --------------------------------------------------------------------------------------
@@ -156,19 +162,16 @@ def drop_page_cache() -> bool:
 
 
 def timed(command: list[str]) -> dict:
-    """Run under `/usr/bin/time -v`: wall seconds, peak RSS, bytes read from / written to the block device."""
-    start = time.perf_counter()
-    result = subprocess.run(["/usr/bin/time", "-v", *map(str, command)], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    """docs/bench.py's run under `/usr/bin/time -v`, plus the bytes read from / written to the block device."""
+    result, seconds, rss_mib = bench_timed(command)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, command))} failed:\n{result.stderr[-3000:]}")
 
-    def field(label: str) -> int:
-        return int(re.search(rf"{label}: (\d+)", result.stderr).group(1))
+    def blocks(label: str) -> int:
+        return int(re.search(rf"File system {label}: (\d+)", result.stderr).group(1))
 
-    return {"wall_s": seconds, "peak_rss_mib": field(r"Maximum resident set size \(kbytes\)") / 1024,
-            "read_mib": field("File system inputs") * 512 / 2**20,
-            "written_mib": field("File system outputs") * 512 / 2**20, "stdout": result.stdout}
+    return {"wall_s": seconds, "peak_rss_mib": rss_mib, "read_mib": blocks("inputs") * 512 / 2**20,
+            "written_mib": blocks("outputs") * 512 / 2**20, "stdout": result.stdout}
 
 
 def run_case(name: str, spec: dict) -> dict:
@@ -287,10 +290,10 @@ def solves(widths=(576, 1024, 1536, 2048, 3072, 4096, 6144, 8192)) -> list[dict]
 
 def fit_power(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """y = c x^k by least squares in log space: (c, k)."""
-    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
-    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    k = sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / max(sum((a - mx) ** 2 for a in lx), 1e-30)
-    return math.exp(my - k * mx), k
+    import numpy
+
+    k, log_c = numpy.polyfit(numpy.log(xs), numpy.log(ys), 1)
+    return float(numpy.exp(log_c)), float(k)
 
 
 def method_seconds(row: dict) -> float:
