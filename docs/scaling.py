@@ -14,9 +14,11 @@ meaningless, so no perplexity is measured here).
 
 Each case is one `compress run` (or, for the floor, one plain forward over the same tokens) under
 `/usr/bin/time -v`, one at a time, the page cache dropped before it where the machine allows, so
-the bytes read are bytes read from disk. Results accumulate in $BENCH_DIR/scaling/results.jsonl
-(default /tmp/compress-bench/scaling), one line per case, with the commit that measured it; a
-case already measured at the current commit is not run again.
+the bytes read are bytes read from disk. Results accumulate in docs/scaling_results.jsonl (kept in
+the repository, so `report` redraws the tables and plots from every run so far; $SCALING_RESULTS
+points elsewhere), one line per case, with the commit and date that measured it; a case already
+measured at the current commit is not run again. Models and run folders go to $BENCH_DIR/scaling
+(default /tmp/compress-bench/scaling).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ sys.path.insert(0, str(ROOT / "docs"))
 from bench import timed as bench_timed  # noqa: E402
 
 OUT = Path(os.environ.get("BENCH_DIR", "/tmp/compress-bench")) / "scaling"
-RESULTS = OUT / "results.jsonl"
+RESULTS = Path(os.environ.get("SCALING_RESULTS", ROOT / "docs" / "scaling_results.jsonl"))
 SEQ_LEN = 512
 BATCH = 4  # calibration batch size of every recipe used here (and of the floor)
 VOCAB = 49152
