@@ -14,6 +14,7 @@ Memory held: the hidden states of all calibration batches at one depth of the mo
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -26,6 +27,42 @@ from compress.model.offload import model_device
 
 # the key/value cache of a decoder call (the names transformers has used); calibration runs without one
 CACHE_KEYWORDS = ("past_key_values", "past_key_value", "cache")
+
+
+class SpilledTensors:
+    """A list of tensors kept in an unnamed temporary file instead of the process's memory.
+
+    The operating system's page cache holds the bytes (not counted in the process's RSS, given back
+    under memory pressure); reading one back costs a copy. The file disappears when this object goes.
+    Setting an item to None marks it used (the file keeps its space until then)."""
+
+    def __init__(self, directory: str | None = None):
+        self._file = tempfile.TemporaryFile(dir=directory)
+        self._entries: list[tuple[int, torch.Size, torch.dtype, torch.device] | None] = []
+
+    def append(self, tensor: torch.Tensor) -> None:
+        flat = tensor.detach().contiguous().cpu().reshape(-1)
+        offset = self._file.seek(0, 2)
+        self._file.write(memoryview(flat.view(torch.uint8).numpy()))
+        self._entries.append((offset, tensor.shape, tensor.dtype, tensor.device))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        entry = self._entries[index]
+        if entry is None:
+            raise IndexError(f"spilled tensor {index} was already used")
+        offset, shape, dtype, device = entry
+        out = torch.empty(shape, dtype=dtype)
+        self._file.seek(offset)
+        self._file.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        return out.to(device)
+
+    def __setitem__(self, index: int, value: None) -> None:
+        if value is not None:
+            raise TypeError("a spilled tensor can only be released (set to None)")
+        self._entries[index] = None
 
 
 class LayerwiseCapture:
@@ -101,7 +138,8 @@ class LayerwiseCapture:
 
     @torch.no_grad()
     def forward(self, index: int, layer: nn.Module, advance: bool = True, stop_at: nn.Module | None = None,
-                record: nn.Module | None = None, replay: list[tuple[nn.Module, nn.Module]] = ()) -> None:
+                record: nn.Module | None = None, replay: list[tuple[nn.Module, nn.Module]] = (),
+                spill: bool = False) -> None:
         """Run decoder layer `index` over every calibration batch (hooks see its inputs).
 
         `advance=True`: each batch's output replaces its input as soon as it is computed, so the
@@ -110,13 +148,14 @@ class LayerwiseCapture:
         when that submodule is about to run (after its own input hooks), skipping the rest.
 
         `record` (a submodule): keep the input it receives in every batch (`self.recorded[record]`,
-        until the next advancing pass). `replay`: (block, last) pairs whose block's output is `last`
+        until the next advancing pass; `spill=True`: in a temporary file, `SpilledTensors`). `replay`:
+        (block, last) pairs whose block's output is `last`
         applied to its recorded inputs, e.g. an attention block whose last step is o_proj once q/k/v
         are final, so this pass skips the block's work (`replay_output`).
         """
         if advance and stop_at is not None:
             raise ValueError("stop_at is for statistics passes (advance=False)")
-        kept: list[torch.Tensor] = []
+        kept: list[torch.Tensor] | SpilledTensors = SpilledTensors() if spill else []
         handles = []
         if record is not None:
             handles.append(record.register_forward_pre_hook(lambda _m, args: kept.append(args[0])))

@@ -94,23 +94,28 @@ class WeightMethod(Method):
             linears = adapter.decoder_linears(layer)
             groups = adapter.input_groups(layer)
             stride = self.second_moment_stride() if moments else None
-            # within the layer, o_proj's inputs are final once q/k/v are pruned: kept (N x heads x head_dim
-            # floats), the attention is not run again, its output is o_proj of the kept inputs. down_proj's
-            # inputs are not kept: N x intermediate floats (400 MB for SmolLM2 at 128 x 512) would cost more
-            # memory than the gate/up forward it saves is worth
-            o_name = adapter.output_projection_paths()[0]
+            # within the layer, a block's last linear sees inputs that are final once the linears before
+            # it are pruned, so the block is not run again: its output is that linear applied to the kept
+            # inputs. o_proj's (N x heads x head_dim floats) are kept in memory; a dense MLP's down_proj
+            # inputs (N x intermediate floats, 400 MB for SmolLM2 at 128 x 512) in a temporary file,
+            # which saves the second gate/up forward without the memory
+            o_name, down_name = adapter.output_projection_paths()
+            records = {o_name: adapter.attention(layer)}
+            if adapter.experts(layer) is None and down_name in linears:
+                records[down_name] = adapter.mlp(layer)
             replay = []
             # within the layer: one statistics pass per level, each after the levels before it were pruned
             for level in (input_levels(adapter, groups) if within else [groups]):
-                record = linears[o_name] if within and level == [[o_name]] else None
+                last = level[0][0] if within and len(level) == 1 and level[0][0] in records else None
+                record = linears[last] if last is not None else None
                 with input_stats({group[0]: linears[group[0]] for group in level}, stride,
                                  where=f"decoder layer {index}") as shared:
                     # a statistics-only pass stops once the level's last input is seen
                     capture.forward(index, layer, advance=advance, stop_at=None if advance else linears[level[-1][0]],
-                                    record=record, replay=replay)
+                                    record=record, replay=replay, spill=last == down_name)
                 yield index, layer, {name: shared[group[0]] for group in level for name in group}
                 if record is not None:
-                    replay.append((adapter.attention(layer), record))
+                    replay.append((records[last], record))
             if not advance:  # outputs of the pruned layer feed the next
                 capture.forward(index, layer, advance=True, replay=replay)
             if after_layer is not None:
