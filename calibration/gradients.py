@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from compress.arch.moe import ExpertLinear
 from compress.errors import NumericalError
 from compress.model.loading import cache_root
+from compress.ops.training import causal_lm_loss
 
 FORMAT_VERSION = 1
 
@@ -91,7 +92,7 @@ def gradient_norms(adapter, windows: torch.Tensor, norm: str = "l2", checkpointi
         device = next(model.parameters()).device
         for sample in windows:
             ids = sample[None].to(device)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = causal_lm_loss(model, model, ids)
             if not torch.isfinite(loss):
                 raise NumericalError("NaN or Inf in the calibration loss of the gradient pass; "
                                      "run in float32 (dtype=float32) or check the model weights")

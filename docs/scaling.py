@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "docs"))
 from bench import timed as bench_timed  # noqa: E402
 
+from compress.ops.training import LOSS_CHUNK  # noqa: E402
+
 OUT = Path(os.environ.get("BENCH_DIR", "/tmp/compress-bench")) / "scaling"
 RESULTS = Path(os.environ.get("SCALING_RESULTS", ROOT / "docs" / "scaling_results.jsonl"))
 SEQ_LEN = 512
@@ -318,8 +320,9 @@ def working_set_mib(row: dict) -> dict:
     pending product: 12 bytes per entry): FLAP the covariances of o_proj's and down_proj's inputs,
     SparseGPT the Hessians of the layer's four distinct inputs plus two float64 copies of the widest for
     its inverse; Wanda only per-channel norms. LoRA: the checkpointed hidden states of every layer, one
-    layer's recomputed float32 activations, the loss over the vocabulary for one batch (logits in the
-    model's dtype and three float32 copies), the adapters with Adam's two moments.
+    layer's recomputed float32 activations, the loss over the vocabulary for one chunk of
+    `LOSS_CHUNK` positions (logits in the model's dtype and three float32 copies: the upcast, the
+    log-softmax and its gradient; compress.ops.training), the adapters with Adam's two moments.
     """
     h, f, layers, heads = row["hidden"], row["width"], row["layers"], row["heads"]
     width = 2 if row["dtype"] == "bfloat16" else 4
@@ -332,9 +335,7 @@ def working_set_mib(row: dict) -> dict:
         batch = 8 * SEQ_LEN
         terms["checkpoints"] = layers * batch * h * width
         terms["layer_activations_fp32"] = batch * (6 * h + 3 * f) * 4 + 8 * heads * SEQ_LEN**2 * 4
-        # the loss over the whole vocabulary: logits in the model's dtype, then float32 copies for the
-        # upcast, the log-softmax and its gradient
-        terms["loss_over_vocabulary"] = batch * row["vocab"] * (width + 3 * 4)
+        terms["loss_over_vocabulary"] = LOSS_CHUNK * row["vocab"] * (width + 3 * 4) + batch * h * 4
         terms["adapters_adam"] = layers * 7 * 8 * 2 * (h + f) * 4 * 3  # rank 8, A and B, weights + 2 moments
     else:
         terms["hidden_states"] = 2 * (8 * SEQ_LEN if row["method"] == "floor" else tokens) * h * width

@@ -7,9 +7,10 @@ import compress
 from compress.arch import get_adapter
 from compress.methods.lora import LoraConfig, layer_ranks
 from compress.ops.masks import follows_nm
-from compress.ops.training import lr_factor
+from compress.ops.training import causal_lm_loss, lr_factor
 from compress.recipe import load_recipe
 from compress.runner import pipeline
+from tests.conftest import tiny_model
 
 
 def lora_stage(text_files, **overrides):
@@ -142,3 +143,26 @@ def test_instruction_records_are_formatted_by_the_template(tmp_path):
     broken = RecoveryDataConfig(source="jsonl", path=str(data), template="{question}")
     with pytest.raises(UserError, match=r"instructions.jsonl:1 has no field 'question'"):
         recovery_text(broken, "</s>")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "qwen3_moe"])
+def test_the_chunked_training_loss_is_the_models_own_loss_and_gradients(model_type):
+    """causal_lm_loss (logits 5 positions at a time, checkpointed) equals `labels=` loss and its LoRA gradients;
+    Gemma's logit soft-capping included (a cap of 0.5 makes it matter)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    model = tiny_model(model_type)
+    if model_type == "gemma3_text":
+        model.config.final_logit_softcapping = 0.5
+    peft_model = get_peft_model(model, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+                                                      init_lora_weights=False))
+    batch = torch.randint(0, 320, (3, 17), generator=torch.Generator().manual_seed(0))
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    reference = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+    expected = torch.autograd.grad(reference, trainable)
+    loss = causal_lm_loss(peft_model, peft_model, batch, chunk=5)
+    got = torch.autograd.grad(loss, trainable)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -12,9 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from compress.errors import UserError
+from compress.model.evaluate import head_logits
 from compress.model.processes import on_cpu
+
+LOSS_CHUNK = 512  # positions whose vocabulary logits exist at once in the training loss
 
 
 def lora_targets(adapter, target_modules, dropout: float, details: dict, log) -> tuple[list[str], list[str]]:
@@ -79,6 +83,36 @@ class TrainResult:
         }
 
 
+def causal_lm_loss(train_model: torch.nn.Module, model: torch.nn.Module, batch: torch.Tensor,
+                   chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """Mean next-token cross-entropy of `batch`, the loss `labels=batch` gives, without the batch's
+    full vocabulary logits: the (wrapped) model runs with `logits_to_keep=1`, its decoder's final
+    hidden states are taken by a hook, and the logits are made `chunk` positions at a time under
+    activation checkpointing, so backward recomputes each chunk instead of keeping it. At 8 x 512
+    tokens and a 49,152-word vocabulary the full logits are 805 MB in float32, and the loss keeps
+    two or three tensors of that size for backward; at Llama-3's 128,256 words, 2.1 GB each.
+    The forward still goes through `train_model` (accelerate's data-parallel wrapper)."""
+    captured = []
+
+    def keep(_module, _args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = model.get_decoder().register_forward_hook(keep)
+    try:
+        train_model(input_ids=batch, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    hidden = captured[-1][:, :-1].reshape(-1, captured[-1].shape[-1])
+    targets = batch[:, 1:].reshape(-1)
+
+    def chunk_nll(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(head_logits(model, h), y, reduction="sum")
+
+    total = sum(checkpoint(chunk_nll, hidden[start:start + chunk], targets[start:start + chunk], use_reentrant=False)
+                for start in range(0, targets.numel(), chunk))
+    return total / targets.numel()
+
+
 def train(model: torch.nn.Module, windows: torch.Tensor, *, steps: int, batch_size: int, learning_rate: float,
           weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float = 1.0, seed: int = 0,
           make_bar: Callable | None = None, on_gradients: Callable[[int], None] | None = None) -> TrainResult:
@@ -96,6 +130,7 @@ def train(model: torch.nn.Module, windows: torch.Tensor, *, steps: int, batch_si
         raise UserError(f"recovery batch_size {batch_size} must be a multiple of the {world} processes")
     train_model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
+    plain_loss = not getattr(model.config, "output_router_logits", False)
     losses: list[float] = []
     bar = make_bar("recovery", steps, "step") if make_bar and accelerator.is_main_process else None
     start = time.perf_counter()
@@ -104,7 +139,10 @@ def train(model: torch.nn.Module, windows: torch.Tensor, *, steps: int, batch_si
     try:
         for step in range(steps):
             batch = windows[order[step * batch_size:(step + 1) * batch_size]][rank::world].to(device)
-            loss = train_model(input_ids=batch, labels=batch, use_cache=False).loss
+            if plain_loss:
+                loss = causal_lm_loss(train_model, model, batch)
+            else:  # the model adds its own terms to the loss (an MoE router's auxiliary loss)
+                loss = train_model(input_ids=batch, labels=batch, use_cache=False).loss
             if not torch.isfinite(loss):
                 raise UserError(f"recovery loss became {loss.item()} at step {step}; lower learning_rate "
                                 f"(now {learning_rate:g}) or run in float32")
