@@ -14,7 +14,8 @@ sequential`, the paper's choice) or on the dense model (`inputs: dense`, one pas
 a layer (`within_layer: true`, the default) q/k/v are pruned first, then o_proj on the attention
 of the pruned q/k/v, then gate/up, then down, each Hessian taken after the levels before it are
 pruned (the order of GPTQ's `--true-sequential`); after the o level the attention is replayed
-from o_proj's kept inputs instead of run again. `owl:
+from o_proj's kept inputs instead of run again, and the last pass replays a dense MLP from
+down_proj's inputs (kept in a temporary file, not in memory). `owl:
 true` gives each layer its own sparsity from Wanda-score outlier ratios (the OWL paper's choice for
 SparseGPT too).
 
