@@ -39,6 +39,18 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
+def chunked_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int, wrap: Callable | None = None):
+    """Summed next-token NLL of `hidden` (positions x width, the decoder's final states) against
+    `targets`, one tensor per `chunk` positions, so the vocabulary logits of only `chunk` positions
+    exist at once; `wrap(fn, h, y)` runs each chunk (training passes activation checkpointing)."""
+    def nll(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(head_logits(model, h), y, reduction="sum")
+
+    for start in range(0, targets.shape[0], chunk):
+        h, y = hidden[start:start + chunk], targets[start:start + chunk]
+        yield nll(h, y) if wrap is None else wrap(nll, h, y)
+
+
 @torch.no_grad()
 def window_nll(model, window: torch.Tensor, chunk: int = 128) -> float:
     """Mean next-token NLL of one window, computing the vocabulary logits `chunk` positions at a
@@ -46,11 +58,10 @@ def window_nll(model, window: torch.Tensor, chunk: int = 128) -> float:
     device = model_device(model)
     ids = window.unsqueeze(0).to(device)
     hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
-    total = 0.0
     targets = ids[0, 1:]
-    for start in range(0, targets.shape[0], chunk):
-        logits = head_logits(model, hidden[start:start + chunk])
-        total += float(torch.nn.functional.cross_entropy(logits, targets[start:start + chunk], reduction="sum"))
+    total = 0.0
+    for part in chunked_nll(model, hidden, targets, chunk):
+        total += float(part)
     return total / targets.shape[0]
 
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from compress.errors import UserError
-from compress.model.evaluate import head_logits
+from compress.model.evaluate import chunked_nll
 from compress.model.processes import on_cpu
 
 LOSS_CHUNK = 512  # positions whose vocabulary logits exist at once in the training loss
@@ -105,11 +105,8 @@ def causal_lm_loss(train_model: torch.nn.Module, model: torch.nn.Module, batch: 
     hidden = captured[-1][:, :-1].reshape(-1, captured[-1].shape[-1])
     targets = batch[:, 1:].reshape(-1)
 
-    def chunk_nll(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(head_logits(model, h), y, reduction="sum")
-
-    total = sum(checkpoint(chunk_nll, hidden[start:start + chunk], targets[start:start + chunk], use_reentrant=False)
-                for start in range(0, targets.numel(), chunk))
+    total = sum(chunked_nll(model, hidden, targets, chunk,
+                            wrap=lambda fn, h, y: checkpoint(fn, h, y, use_reentrant=False)))
     return total / targets.numel()
 
 
