@@ -310,6 +310,20 @@ def method_seconds(row: dict) -> float:
     return sum(value for key, value in seconds.items() if key.startswith("stage"))
 
 
+def lora_entries(row: dict) -> int:
+    """Adapter entries of one decoder layer: the LoRA stage's rank and target modules, read from the
+    recipe the cases run, times (in + out) of each target at the dense widths (the FLAP 50% before it
+    only narrows them, so this bounds the pruned model's count)."""
+    from compress import load_recipe
+
+    stage = next(s for s in load_recipe(METHODS["lora"].split()[0].split("=")[1]).stages if s.method == "lora")
+    h, f, heads = row["hidden"], row["width"], row["heads"]
+    kv = row.get("kv_heads", heads) * (h // heads)
+    sizes = {"q_proj": h + h, "k_proj": h + kv, "v_proj": h + kv, "o_proj": h + h,
+             "gate_proj": h + f, "up_proj": h + f, "down_proj": f + h}
+    return stage.rank * sum(sizes[name] for name in stage.target_modules)
+
+
 def working_set_mib(row: dict) -> dict:
     """The memory bound the design promises: resident weights + the largest layer's working set + 1 GiB.
 
@@ -336,7 +350,7 @@ def working_set_mib(row: dict) -> dict:
         terms["checkpoints"] = layers * batch * h * width
         terms["layer_activations_fp32"] = batch * (6 * h + 3 * f) * 4 + 8 * heads * SEQ_LEN**2 * 4
         terms["loss_over_vocabulary"] = LOSS_CHUNK * row["vocab"] * (width + 3 * 4) + batch * h * 4
-        terms["adapters_adam"] = layers * 7 * 8 * 2 * (h + f) * 4 * 3  # rank 8, A and B, weights + 2 moments
+        terms["adapters_adam"] = layers * lora_entries(row) * 4 * 3  # float32 A and B + Adam's 2 moments
     else:
         terms["hidden_states"] = 2 * (8 * SEQ_LEN if row["method"] == "floor" else tokens) * h * width
         terms["batch_intermediates_fp32"] = BATCH * SEQ_LEN * (4 * h + 3 * f) * 4 + BATCH * heads * SEQ_LEN**2 * 4
