@@ -3,6 +3,7 @@
     python docs/peer_llmcompressor.py                    # the six default runs, one at a time (see RUNS)
     python docs/peer_llmcompressor.py llmc_wanda_2_4 ours_wanda_2_4      # some runs, by name
     python docs/peer_llmcompressor.py --samples 4 --seq-len 64 --eval-windows 2 llmc_sparsegpt_2_4   # smoke
+    python docs/peer_llmcompressor.py --seed 1 llmc_sparsegpt_2_4 ours_sparsegpt_2_4   # other calibration offsets
     python docs/peer_llmcompressor.py --list
 
 Prints one markdown row per run:
@@ -131,6 +132,8 @@ def protocol_overrides(args) -> list[str]:
         overrides.append(f"calibration.seq_len={args.seq_len}")
     if args.eval_windows is not None:
         overrides.append(f"ppl={args.eval_windows}")
+    if args.seed is not None:
+        overrides.append(f"calibration.seed={args.seed}")
     return overrides
 
 
@@ -285,6 +288,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, help="calibration windows (default 128)")
     parser.add_argument("--seq-len", type=int, help="tokens per calibration window (default 512)")
     parser.add_argument("--eval-windows", type=int, help="evaluation windows of 512 tokens (default: quick = 64)")
+    parser.add_argument("--seed", type=int, help="seed of the calibration offsets, for both tools (default 0)")
     parser.add_argument("--batch-size", type=int, default=1, help="llm-compressor's calibration batch (default 1)")
     parser.add_argument("--list", action="store_true", help="list the runs and exit")
     args = parser.parse_args()
@@ -309,7 +313,8 @@ def main() -> None:
     print(HEADER, flush=True)
     for name in runs:
         result = run_llmc(name, protocol, python, args.batch_size) if name in LLMC_RUNS else run_ours(name, protocol)
-        results[name] = {**result, "protocol": protocol.describe(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        key = name if args.seed is None else f"{name}_seed{args.seed}"
+        results[key] = {**result, "protocol": protocol.describe(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         results_file.write_text(json.dumps(results, indent=2) + "\n")
         print(row(result), flush=True)
     print(f"results: {results_file}", file=sys.stderr)
