@@ -55,12 +55,13 @@ SHAPES = {
 }
 REAL = "smollm2-135m"
 
+LORA_RECIPE = "flap_50_lora"
 # method: the `compress run` arguments ({n}: calibration windows; lora: {steps} of 8 x 512 tokens)
 METHODS = {
     "flap": "recipe=flap_20",
     "wanda": "recipe=wanda_50",
     "sparsegpt": "recipe=sparsegpt_50",
-    "lora": ("recipe=flap_50_lora calibration.num_samples=8 stages.1.steps={steps} stages.1.batch_size=8 "
+    "lora": ("recipe=" + LORA_RECIPE + " calibration.num_samples=8 stages.1.steps={steps} stages.1.batch_size=8 "
              "stages.1.seq_len=512 stages.1.warmup_steps=0"),
 }
 COMMON = "--quiet --overwrite eval.ppl=none eval.dense=false calibration.seq_len=512"
@@ -316,7 +317,7 @@ def lora_entries(row: dict) -> int:
     only narrows them, so this bounds the pruned model's count)."""
     from compress import load_recipe
 
-    stage = next(s for s in load_recipe(METHODS["lora"].split()[0].split("=")[1]).stages if s.method == "lora")
+    stage = next(s for s in load_recipe(LORA_RECIPE).stages if s.method == "lora")
     h, f, heads = row["hidden"], row["width"], row["heads"]
     kv = row.get("kv_heads", heads) * (h // heads)
     sizes = {"q_proj": h + h, "k_proj": h + kv, "v_proj": h + kv, "o_proj": h + h,

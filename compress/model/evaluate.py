@@ -39,16 +39,18 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
-def chunked_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int, wrap: Callable | None = None):
+def chunked_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int, checkpointed: bool = False):
     """Summed next-token NLL of `hidden` (positions x width, the decoder's final states) against
     `targets`, one tensor per `chunk` positions, so the vocabulary logits of only `chunk` positions
-    exist at once; `wrap(fn, h, y)` runs each chunk (training passes activation checkpointing)."""
+    exist at once; `checkpointed`: each chunk under activation checkpointing (training)."""
+    from torch.utils.checkpoint import checkpoint
+
     def nll(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(head_logits(model, h), y, reduction="sum")
 
     for start in range(0, targets.shape[0], chunk):
         h, y = hidden[start:start + chunk], targets[start:start + chunk]
-        yield nll(h, y) if wrap is None else wrap(nll, h, y)
+        yield checkpoint(nll, h, y, use_reentrant=False) if checkpointed else nll(h, y)
 
 
 @torch.no_grad()

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from compress.errors import UserError
 from compress.model.evaluate import chunked_nll
@@ -104,9 +103,7 @@ def causal_lm_loss(train_model: torch.nn.Module, model: torch.nn.Module, batch: 
         handle.remove()
     hidden = captured[-1][:, :-1].reshape(-1, captured[-1].shape[-1])
     targets = batch[:, 1:].reshape(-1)
-
-    total = sum(chunked_nll(model, hidden, targets, chunk,
-                            wrap=lambda fn, h, y: checkpoint(fn, h, y, use_reentrant=False)))
+    total = sum(chunked_nll(model, hidden, targets, chunk, checkpointed=True))
     return total / targets.numel()
 
 
