@@ -106,9 +106,11 @@ ROWS = {
                                  "stages.0.time_budget_s=850",
     "armor_2_4_paper_budget": "recipe=armor_2_4 stages.0.init=nowag stages.0.hessian=diagonal stages.0.inputs=dense "
                               "stages.0.time_budget_s=850",
+    # the init ablation with the default loss: NoWag-P's mask (fixed under hessian=full) instead of SparseGPT's
+    "armor_2_4_nowag_budget": "recipe=armor_2_4 stages.0.init=nowag stages.0.time_budget_s=900",
     "armor_2_4_block32_budget": "recipe=armor_2_4 stages.0.block_size=32 stages.0.time_budget_s=900",
     # quality against search time (every stack in memory at once, the model measured at each point)
-    "armor_2_4_curve": "recipe=armor_2_4 stages.0.iterations=400 \"stages.0.eval_at=[0, 50, 100, 250, 400]\"",
+    "armor_2_4_curve": "recipe=armor_2_4 stages.0.iterations=600 \"stages.0.eval_at=[0, 100, 250, 400, 600]\"",
     # STUN on the MoEfied SmolLM2 (8 experts that differ, top-6): whole experts removed by STUN and by its
     # baselines at the same count; the dense MoE's ppl is measured once (moe8_stun_25), the others skip it
     **{f"moe8_{selection}_{percent}": f"recipe=stun_25 model={MOE8} \"stages=[{{method: stun, sparsity: 0.{percent}, "
