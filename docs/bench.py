@@ -59,6 +59,8 @@ ROWS = {
     "sparsegpt_2_4_dense_inputs": "recipe=sparsegpt_50 pattern=2:4 stages.0.inputs=dense",
     "sparsegpt_50_one_pass": "recipe=sparsegpt_50 stages.0.within_layer=false",
     "sparsegpt_2_4_one_pass": "recipe=sparsegpt_50 pattern=2:4 stages.0.within_layer=false",
+    "sparsegpt_2_4_refit": "recipe=sparsegpt_50 pattern=2:4 stages.0.refit_iterations=20",
+    "sparsegpt_50_refit": "recipe=sparsegpt_50 stages.0.refit_iterations=20",
     "magnitude_50": "recipe=wanda_50 stages.0.method=magnitude",
     "magnitude_2_4": "recipe=wanda_50 stages.0.method=magnitude pattern=2:4",
     "gblm_50": "recipe=gblm_50",

@@ -225,3 +225,24 @@ def test_within_layer_and_dense_inputs_are_refused_together():
     assert load_recipe({"stages": [{"method": "sparsegpt"}]}).stages[0].within_layer
     assert not load_recipe({"stages": [{"method": "sparsegpt", "inputs": "dense"}]}).stages[0].within_layer
     assert not load_recipe({"stages": [{"method": "wanda"}]}).stages[0].within_layer
+
+
+def test_sparsegpt_refit_keeps_the_sweeps_masks_and_brings_the_outputs_closer_to_dense():
+    """refit_iterations re-fits the kept weights only: layer 0's q/k/v (pruned first, from the same Hessian)
+    keep the sweep's zeros exactly, and the pruned model's logits move toward the dense model's."""
+    dense, swept, refit = tiny_llama(), tiny_llama(), tiny_llama()
+    prune(swept, "sparsegpt", sparsity=0.5, pattern="2:4")
+    prune(refit, "sparsegpt", sparsity=0.5, pattern="2:4", refit_iterations=20)
+    adapter_s, adapter_r = get_adapter(swept), get_adapter(refit)
+    first_s = adapter_s.decoder_linears(adapter_s.layers()[0])
+    first_r = adapter_r.decoder_linears(adapter_r.layers()[0])
+    for name in first_s:
+        if name.split(".")[-1] in (adapter_s.q_name, adapter_s.k_name, adapter_s.v_name):
+            assert torch.equal(first_s[name].weight == 0, first_r[name].weight == 0), name
+            assert not torch.equal(first_s[name].weight, first_r[name].weight), name
+        assert follows_nm(first_r[name].weight, 2, 4)
+    with torch.no_grad():
+        target = dense(WINDOWS).logits
+        error_swept = (swept(WINDOWS).logits - target).pow(2).mean()
+        error_refit = (refit(WINDOWS).logits - target).pow(2).mean()
+    assert error_refit < 0.9 * error_swept, (float(error_refit), float(error_swept))

@@ -17,13 +17,16 @@ pruned (the order of GPTQ's `--true-sequential`); after the o level the attentio
 from o_proj's kept inputs instead of run again, and the last pass replays a dense MLP from
 down_proj's inputs (kept in a temporary file, not in memory). `owl:
 true` gives each layer its own sparsity from Wanda-score outlier ratios (the OWL paper's choice for
-SparseGPT too).
+SparseGPT too). `refit_iterations: K` then re-fits every linear's kept weights to its dense outputs
+with K conjugate-gradient steps, the mask fixed (`compress.ops.obs.refit_kept`): the sweep's one
+pass leaves part of the least-squares optimum on the table, most of all under 2:4.
 
     - method: sparsegpt
       sparsity: 0.5
       pattern: unstructured      # or "2:4", "4:8" (sparsity must then be 1 - N/M)
       block_size: 128
       dampening: 0.01
+      refit_iterations: 0        # e.g. 20: re-fit the kept weights after the sweep
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from compress.methods.registry import register
 from compress.methods.weight import WeightMethod
 from compress.methods.weight_config import WeightStageConfig
 from compress.ops.masks import parse_pattern
-from compress.ops.obs import prune_columns
+from compress.ops.obs import prune_columns, refit_kept
 
 
 class SparseGptConfig(WeightStageConfig):
@@ -50,6 +53,10 @@ class SparseGptConfig(WeightStageConfig):
                           "Hessian pass per layer, all from the layer's dense weights")
     token_stride: int = Field(1, ge=1, description="accumulate the Hessian over every k-th calibration token "
                                                    "(1 = all; larger is faster, noisier)")
+    refit_iterations: int = Field(
+        0, ge=0, description="after the sweep, this many preconditioned conjugate-gradient steps re-fit each "
+                             "linear's kept weights to its dense outputs, the mask fixed (0 = the paper's one "
+                             "sweep; 20 gives 2:4 68.3 instead of 79.7 on SmolLM2-135M for ~15% more time)")
 
 
 @register
@@ -81,8 +88,10 @@ class SparseGpt(WeightMethod):
             if self.hessians is not None:
                 kept = hessian.float().cpu()
                 self.hessians.update({(index, name): kept for name in members})
-            new, _keep = prune_columns(torch.cat([w.detach() for w in weights]), hessian,
-                                       sparsity, nm, cfg.block_size, cfg.dampening, [w.shape[0] for w in weights],
-                                       name=label)
+            dense = torch.cat([w.detach() for w in weights])
+            new, keep = prune_columns(dense, hessian, sparsity, nm, cfg.block_size, cfg.dampening,
+                                      [w.shape[0] for w in weights], name=label)
+            if cfg.refit_iterations:
+                new, _errors = refit_kept(new, dense, hessian, keep, cfg.refit_iterations, cfg.dampening)
             for weight, part in zip(weights, new.split([w.shape[0] for w in weights])):
                 weight.copy_(part.to(device=weight.device, dtype=weight.dtype))
