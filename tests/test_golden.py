@@ -129,15 +129,15 @@ GOLDEN: dict[str, dict[str, str]] = {
     },
     "sparsegpt-50": {
         "model.safetensors": "d182915c6eda351eeb90b503f4d2a18cc2e2f05ef8da9085f6a2f3ba7dfe5ce8",
-        "report.json": "cc4b1a9496813ad6b17acb800053a7ae3ff2eaf8fc23c93c6be92218310b92f5",
+        "report.json": "893b8718920fab90446b64968aae4c50f004f3f36ca8874a6f9e82d57cba6d3c",
     },
     "sparsegpt-2:4": {
         "model.safetensors": "7028c04e88bdf9b6d48e2bfbdbc58c4518d2d6427e4411fa902e6ffe8e1fff2b",
-        "report.json": "01eebf3376f2604120579423df0e769d8f266ed613efbceecb071134148f8d61",
+        "report.json": "80d471b1ae1c24c7ea1e697fbc19eb2890e54bed840f66c5632b2d3d08e1c0e9",
     },
     "moe-sparsegpt-2:4": {
         "model.safetensors": "bdc42f1cc6a8ca4739d4d2db61a3f0be2f4d036eeae45c852c41c7dbc182dcfe",
-        "report.json": "593e23e93d96bb19f4c9ad262158d4f964b072adf928bf4d4c7a51bd03023fa9",
+        "report.json": "c6036baed31d6c919b28616ac4e71d4a7ec5509b587a40bbfd7a964669694282",
     },
     "offload-flap": {
         "model.safetensors": "fab4c9f899002ccbd8a0f7300eaf43e97db886b349eff7623a9cfd746b2fc954",
