@@ -99,8 +99,8 @@ OUR_RUNS = {
     "ours_sparsegpt_2_4_stride2": "recipe=sparsegpt_50 pattern=2:4 stages.0.token_stride=2",
     "ours_sparsegpt_2_4_one_pass": "recipe=sparsegpt_50 pattern=2:4 stages.0.within_layer=false",
     "ours_sparsegpt_50_one_pass": "recipe=sparsegpt_50 stages.0.within_layer=false",
-    "ours_sparsegpt_2_4_refit": "recipe=sparsegpt_50 pattern=2:4 stages.0.refit_iterations=20",
-    "ours_sparsegpt_50_refit": "recipe=sparsegpt_50 stages.0.refit_iterations=20",
+    "ours_sparsegpt_2_4_norefit": "recipe=sparsegpt_50 pattern=2:4 stages.0.refit_iterations=0",
+    "ours_sparsegpt_50_norefit": "recipe=sparsegpt_50 stages.0.refit_iterations=0",
 }
 RUNS = [*LLMC_RUNS, *OUR_RUNS]
 DEFAULT_RUNS = ["llmc_sparsegpt_2_4", "ours_sparsegpt_2_4", "llmc_sparsegpt_50", "ours_sparsegpt_50",

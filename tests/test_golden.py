@@ -128,16 +128,16 @@ GOLDEN: dict[str, dict[str, str]] = {
         "report.json": "239525bd57103d35470bd65d153a1eac6718eda05adfc2ba4e02ca0e19674f2b",
     },
     "sparsegpt-50": {
-        "model.safetensors": "d182915c6eda351eeb90b503f4d2a18cc2e2f05ef8da9085f6a2f3ba7dfe5ce8",
-        "report.json": "893b8718920fab90446b64968aae4c50f004f3f36ca8874a6f9e82d57cba6d3c",
+        "model.safetensors": "1db98b29c038dc2df579b0cf0f95d67a66af5247aec548f4c81a22eb03002850",
+        "report.json": "846df09e38f182f0e8c0aff5c8c299e79851464d99044baaa7748c1ed923e5a7",
     },
     "sparsegpt-2:4": {
-        "model.safetensors": "7028c04e88bdf9b6d48e2bfbdbc58c4518d2d6427e4411fa902e6ffe8e1fff2b",
-        "report.json": "80d471b1ae1c24c7ea1e697fbc19eb2890e54bed840f66c5632b2d3d08e1c0e9",
+        "model.safetensors": "e789ee5ed61d898d5ab146d97aec5877406c19ea6e8bab146534a170ced2bda3",
+        "report.json": "d0c334d6d9fea4d740aa6a1b8532fa254e31b8b9848ff0dc8d580561aa11a511",
     },
     "moe-sparsegpt-2:4": {
-        "model.safetensors": "bdc42f1cc6a8ca4739d4d2db61a3f0be2f4d036eeae45c852c41c7dbc182dcfe",
-        "report.json": "c6036baed31d6c919b28616ac4e71d4a7ec5509b587a40bbfd7a964669694282",
+        "model.safetensors": "c9128e985e83dbad9904a82ac183d04e8738618c48dade1cc3f9c5927876c8cd",
+        "report.json": "d58120cdc899df8c6eab14fa9d4f1513c6dc3b05dcdfc59428f3ba0d83723221",
     },
     "offload-flap": {
         "model.safetensors": "fab4c9f899002ccbd8a0f7300eaf43e97db886b349eff7623a9cfd746b2fc954",

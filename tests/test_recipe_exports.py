@@ -66,8 +66,8 @@ SHORT_EVAL = ["eval.ppl=4", "eval.seq_len=128", "eval.dense=false"]
 # tests/test_recipe_exports.py -k smollm2` writes the measured values as JSON lines to paste here)
 SHORT_PPL = {  # measured at the commit that added this table (4 x 64 calibration tokens: far from the
     # full protocol's figures)
-    "armor_2_4": 399.581,  # re-recorded with SparseGPT's new inverse factor (was 443.392: 4 x 64 tokens give
-    # near-singular Hessians, where rounding moves the figure; the full protocol is unchanged, benchmarks.md)
+    "armor_2_4": 397.168,  # re-recorded with SparseGPT's sub-block sweep (was 399.581; 443.392 before the new
+    # inverse factor): 4 x 64 tokens give near-singular Hessians, where rounding order moves the figure
     "cfsp_20": 70.837,
     "flap_20": 90.439,
     "flap_20_wanda_2_4": 445.516,
@@ -75,7 +75,8 @@ SHORT_PPL = {  # measured at the commit that added this table (4 x 64 calibratio
     "flap_50_lora": 805.391,
     "gblm_50": 86.286,
     "loraprune_20": 3925.018,
-    "sparsegpt_50": 140.858,  # re-recorded with the new inverse factor (was 154.386; see armor_2_4)
+    "sparsegpt_50": 144.619,  # re-recorded with the sub-block sweep and refit_iterations 20 by default (was
+    # 140.858; 154.386 before the inverse factor): on 4 x 64 tokens the re-fit follows a near-singular Hessian
     "tyr_50": 1156.17,
     "wanda_50": 89.503,
     "wanda_sp_20": 114.788,

@@ -231,8 +231,8 @@ def test_sparsegpt_refit_keeps_the_sweeps_masks_and_brings_the_outputs_closer_to
     """refit_iterations re-fits the kept weights only: layer 0's q/k/v (pruned first, from the same Hessian)
     keep the sweep's zeros exactly, and the pruned model's logits move toward the dense model's."""
     dense, swept, refit = tiny_llama(), tiny_llama(), tiny_llama()
-    prune(swept, "sparsegpt", sparsity=0.5, pattern="2:4")
-    prune(refit, "sparsegpt", sparsity=0.5, pattern="2:4", refit_iterations=20)
+    prune(swept, "sparsegpt", sparsity=0.5, pattern="2:4", refit_iterations=0)
+    prune(refit, "sparsegpt", sparsity=0.5, pattern="2:4")  # the default re-fits (20 iterations)
     adapter_s, adapter_r = get_adapter(swept), get_adapter(refit)
     first_s = adapter_s.decoder_linears(adapter_s.layers()[0])
     first_r = adapter_r.decoder_linears(adapter_r.layers()[0])
