@@ -88,8 +88,8 @@ def causal_lm_loss(train_model: torch.nn.Module, model: torch.nn.Module, batch: 
     full vocabulary logits: the (wrapped) model runs with `logits_to_keep=1`, its decoder's final
     hidden states are taken by a hook, and the logits are made `chunk` positions at a time. When the
     model's layers run under activation checkpointing (memory first), each logit chunk does too, so
-    backward recomputes it instead of keeping it; otherwise the chunks are kept (about 6% faster per
-    step, +325 MiB on SmolLM2-135M at 8 x 512, docs/benchmarks.md "How the cost grows"). At 8 x 512
+    backward recomputes it instead of keeping it; otherwise the chunks are kept for backward (no
+    recomputed logit product, at the memory of the full logits; not benchmarked apart). At 8 x 512
     tokens and a 49,152-word vocabulary the full logits are 805 MB in float32, and the loss keeps
     two or three tensors of that size for backward; at Llama-3's 128,256 words, 2.1 GB each.
     The forward still goes through `train_model` (accelerate's data-parallel wrapper)."""
