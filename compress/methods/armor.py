@@ -143,14 +143,10 @@ class Armor(Method):
     def initial_pruning(self, ctx: StageContext) -> dict:
         """Run the `init` method (SparseGPT or Wanda) with this stage's pattern; its weights are the start."""
         from compress.methods.registry import get_method
-
         cfg = self.config
         method_class = get_method(cfg.init)
-        # SparseGPT's sweep alone (no re-fit): ARMOR's own factorization re-fits the kept weights, and the
-        # ablations in docs/benchmarks.md were measured from the sweep's start
-        extra = {"refit_iterations": 0} if cfg.init == "sparsegpt" else {}
-        method = method_class(method_class.Config(method=cfg.init, sparsity=cfg.sparsity, pattern=cfg.pattern,
-                                                  **extra))
+        extra = {"refit_iterations": 0} if cfg.init == "sparsegpt" else {}  # the sweep alone: ARMOR re-fits
+        method = method_class(method_class.Config(method=cfg.init, sparsity=cfg.sparsity, pattern=cfg.pattern, **extra))
         ctx.log(f"armor: initial {cfg.pattern} masks from {cfg.init}")
         if cfg.hessian == "full" and cfg.init == "sparsegpt" and cfg.inputs == "pruned":
             method.hessians = self.hessians = {}  # SparseGPT's own Hessians, measured on the pruned inputs
