@@ -4,7 +4,7 @@ Every decoder linear W becomes W ~ diag(c) A (S * M) B diag(r) (`compress.ops.fa
 S * M keeps the 2:4 speed-up, A and B are block-diagonal (`block_size` x `block_size` blocks) and cost
 block x (in + out) parameters per linear (+18.4% of SmolLM2's decoder linears at block 64).
 
-1. Start: `init: sparsegpt` (default; the mask and updated values of our SparseGPT), `wanda`, or `nowag`
+1. Start: `init: sparsegpt` (default; the mask and values of our SparseGPT's sweep, no re-fit), `wanda`, or `nowag`
    (the paper's NoWag-P: in every group of M inputs of a row the N largest Wn^2 h, values Wn).
 2. The loss. `hessian: full` (default, beyond the paper): the layer-wise reconstruction error
    ||(W - W-hat) X||^2 / ||W X||^2 on E[x x^T], with `inputs: pruned` and init=sparsegpt the Hessians

@@ -188,8 +188,9 @@ def prune_columns(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, 
     w = weight.detach().to(device=device, dtype=torch.float32, copy=True)
     w[:, dead] = 0
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+    n, m = nm if nm is not None else (0, 0)
     # sub-blocks hold whole N:M groups, so each group's mask is chosen on fully updated columns
-    step = -(-SUB_BLOCK // nm[1]) * nm[1] if nm is not None else SUB_BLOCK
+    step = -(-SUB_BLOCK // m) * m if nm is not None else SUB_BLOCK
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         block = w[:, start:end].clone()
@@ -200,7 +201,6 @@ def prune_columns(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, 
             block_pruned = _block_mask(block.pow(2) / pivots.pow(2), sparsity, segments)
         else:
             block_pruned = torch.zeros_like(block, dtype=torch.bool)
-        n, m = nm if nm is not None else (0, 0)
         width = end - start
         for sub in range(0, width, step):  # the same lazy update one level down: a GEMM per sub-block
             sub_end = min(sub + step, width)
