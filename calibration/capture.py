@@ -14,7 +14,6 @@ Memory held: the hidden states of all calibration batches at one depth of the mo
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -29,42 +28,6 @@ from compress.model.offload import model_device
 CACHE_KEYWORDS = ("past_key_values", "past_key_value", "cache")
 
 
-class SpilledTensors:
-    """A list of tensors kept in an unnamed temporary file instead of the process's memory.
-
-    The operating system's page cache holds the bytes (not counted in the process's RSS, given back
-    under memory pressure); reading one back costs a copy. The file disappears when this object goes.
-    Setting an item to None marks it used (the file keeps its space until then)."""
-
-    def __init__(self, directory: str | None = None):
-        self._file = tempfile.TemporaryFile(dir=directory)
-        self._entries: list[tuple[int, torch.Size, torch.dtype, torch.device] | None] = []
-
-    def append(self, tensor: torch.Tensor) -> None:
-        flat = tensor.detach().contiguous().cpu().reshape(-1)
-        offset = self._file.seek(0, 2)
-        self._file.write(memoryview(flat.view(torch.uint8).numpy()))
-        self._entries.append((offset, tensor.shape, tensor.dtype, tensor.device))
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        entry = self._entries[index]
-        if entry is None:
-            raise IndexError(f"spilled tensor {index} was already used")
-        offset, shape, dtype, device = entry
-        out = torch.empty(shape, dtype=dtype)
-        self._file.seek(offset)
-        self._file.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
-        return out.to(device)
-
-    def __setitem__(self, index: int, value: None) -> None:
-        if value is not None:
-            raise TypeError("a spilled tensor can only be released (set to None)")
-        self._entries[index] = None
-
-
 class LayerwiseCapture:
     """Calibration hidden states and per-layer call arguments, advanced one decoder layer at a time."""
 
@@ -75,6 +38,7 @@ class LayerwiseCapture:
         self.hidden: list[torch.Tensor] = []
         self.layer_kwargs: list[list[dict]] = []
         self.recorded: dict[nn.Module, list[torch.Tensor]] = {}  # inputs `record` passes kept, per batch
+        self.settled: set[nn.Module] = set()  # recorded modules whose list now holds their outputs (`forward`)
         self.start = 0
         self._record(windows)
 
@@ -138,8 +102,7 @@ class LayerwiseCapture:
 
     @torch.no_grad()
     def forward(self, index: int, layer: nn.Module, advance: bool = True, stop_at: nn.Module | None = None,
-                record: nn.Module | None = None, replay: list[tuple[nn.Module, nn.Module]] = (),
-                spill: bool = False) -> None:
+                record: nn.Module | None = None, replay: list[tuple[nn.Module, nn.Module]] = ()) -> None:
         """Run decoder layer `index` over every calibration batch (hooks see its inputs).
 
         `advance=True`: each batch's output replaces its input as soon as it is computed, so the
@@ -148,14 +111,15 @@ class LayerwiseCapture:
         when that submodule is about to run (after its own input hooks), skipping the rest.
 
         `record` (a submodule): keep the input it receives in every batch (`self.recorded[record]`,
-        until the next advancing pass; `spill=True`: in a temporary file, `SpilledTensors`). `replay`:
-        (block, last) pairs whose block's output is `last`
+        until the next advancing pass). `replay`: (block, last) pairs whose block's output is `last`
         applied to its recorded inputs, e.g. an attention block whose last step is o_proj once q/k/v
-        are final, so this pass skips the block's work (`replay_output`).
+        are final, so this pass skips the block's work (`replay_output`). The first pass that replays
+        `last` replaces its recorded inputs by its outputs, so `last` must be final by then (o_proj
+        pruned) and later passes cost nothing for the block.
         """
         if advance and stop_at is not None:
             raise ValueError("stop_at is for statistics passes (advance=False)")
-        kept: list[torch.Tensor] | SpilledTensors = SpilledTensors() if spill else []
+        kept: list[torch.Tensor] = []
         handles = []
         if record is not None:
             handles.append(record.register_forward_pre_hook(lambda _m, args: kept.append(args[0])))
@@ -163,11 +127,17 @@ class LayerwiseCapture:
             handles.append(stop_at.register_forward_pre_hook(_stop))
         position = [0]
         experts = self.adapter.experts(layer) if getattr(self.adapter, "is_moe", False) else None
+        for _block, last in replay:
+            if last not in self.settled:  # inputs -> outputs, one batch at a time (no second copy)
+                kept_inputs = self.recorded[last]
+                for batch_index, inputs in enumerate(kept_inputs):
+                    kept_inputs[batch_index] = last(inputs)
+                self.settled.add(last)
         try:
             # MoE: hooks on the expert views see the routed tokens
             with routed_experts([experts]), ExitStack() as replayed:
                 for block, last in replay:
-                    replayed.enter_context(replay_output(block, last, self.recorded[last], position))
+                    replayed.enter_context(replay_output(block, self.recorded[last], position))
                 for batch_index, (batch, kwargs) in enumerate(zip(self.hidden, self.layer_kwargs[index])):
                     position[0] = batch_index
                     try:
@@ -195,27 +165,27 @@ class LayerwiseCapture:
         if record is not None:
             self.recorded[record] = kept
         if advance:
-            self.recorded = {}  # the next layer records its own
+            self.recorded, self.settled = {}, set()  # the next layer records its own
 
 
 @contextmanager
-def replay_output(block: nn.Module, last: nn.Module, inputs: list[torch.Tensor], position: list[int]):
-    """While active, `block(...)` returns `last(inputs[position[0]])` in place of its own output (the
-    first element of a tuple output) instead of running: valid when the block's output is its last
-    submodule's output and that submodule's input has not changed since it was recorded.
+def replay_output(block: nn.Module, outputs: list[torch.Tensor], position: list[int]):
+    """While active, `block(...)` returns `outputs[position[0]]` in place of its own output (the first
+    element of a tuple output) instead of running: valid when the block's output is its last
+    submodule's output and those are that submodule's outputs on the same batches.
 
-    The first call runs the block as usual and compares: if its output is not `last(recorded
-    input)` (a block that adds, scales or normalises after `last`), the block simply runs for the
-    rest of the pass.
+    The first call runs the block as usual and compares: if its output is not the kept one (a block
+    that adds, scales or normalises after its last submodule), the block simply runs for the rest
+    of the pass.
     """
     original = block.forward
     own = block.__dict__.get("forward")  # a wrapper accelerate installed, if any
     state = {"template": None, "valid": None}
 
     def forward(*args, **kwargs):
-        if state["valid"] is False or position[0] >= len(inputs):
+        if state["valid"] is False or position[0] >= len(outputs):
             return original(*args, **kwargs)
-        result = last(inputs[position[0]])
+        result = outputs[position[0]]
         if state["valid"] is None:  # first call: run the block for real and check the shortcut
             real = original(*args, **kwargs)
             first = real[0] if isinstance(real, (tuple, list)) else real

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from calibration.capture import LayerwiseCapture, SpilledTensors
+from calibration.capture import LayerwiseCapture
 from calibration.data import sample_windows
 from compress.arch import get_adapter
 from tests.conftest import TINY_ARCHITECTURES, TINY_MOE_ARCHITECTURES, tiny_llama, tiny_model
@@ -115,8 +115,7 @@ def test_replayed_blocks_give_the_layer_outputs_of_a_full_run(model_type):
             replay = [(attention, o_proj)]
             if not moe:
                 down = adapter.down_proj(layer)
-                replayed.forward(index, layer, advance=False, stop_at=down, record=down, replay=replay, spill=True)
-                assert isinstance(replayed.recorded[down], SpilledTensors)
+                replayed.forward(index, layer, advance=False, stop_at=down, record=down, replay=replay)
                 replay.append((adapter.mlp(layer), down))
             calls = {"q": [], "mlp": []}
             handles = [q_proj.register_forward_hook(lambda *_: calls["q"].append(1))]
@@ -157,23 +156,3 @@ def test_a_block_that_is_not_its_last_linear_is_run_not_replayed():
     for a, b in zip(reference.hidden, capture.hidden):
         assert torch.equal(a, b)
     assert attention.__dict__["forward"] is scaled
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_spilled_tensors_come_back_exactly_and_once(dtype):
-    """Kept in a temporary file: every tensor reads back bit for bit, in its shape and dtype; a released one
-    cannot be read again."""
-    generator = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(2, 5, 3, generator=generator).to(dtype), torch.randn(7, generator=generator).to(dtype),
-               torch.randn(4, 6, generator=generator).to(dtype).T]  # a non-contiguous one
-    spilled = SpilledTensors()
-    for tensor in tensors:
-        spilled.append(tensor)
-    assert len(spilled) == 3
-    for index in (2, 0, 1, 0):  # any order, more than once
-        got = spilled[index]
-        assert got.dtype == dtype and got.shape == tensors[index].shape and torch.equal(got, tensors[index])
-    spilled[1] = None
-    with pytest.raises(IndexError, match="already used"):
-        spilled[1]
-    assert torch.equal(spilled[2], tensors[2])

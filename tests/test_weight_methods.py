@@ -183,9 +183,9 @@ def test_within_layer_measures_later_levels_on_the_pruned_layer(model_type):
 
 @pytest.mark.parametrize("model_type", TINY_ARCHITECTURES + TINY_MOE_ARCHITECTURES)
 def test_within_layer_replayed_attention_prunes_as_full_passes_do(model_type, monkeypatch):
-    """The within-layer passes after o_proj replay the attention from its recorded inputs, and the outputs'
-    pass a dense MLP from down_proj's (spilled to a file): the pruned weights are those of full passes, on
-    every architecture."""
+    """The within-layer passes after o_proj replay the attention from its recorded inputs (the MLP runs in
+    full: in the down pass and the outputs' pass): the pruned weights are those of full passes, on every
+    architecture."""
     from calibration.capture import LayerwiseCapture
     from tests.conftest import tiny_model
 
@@ -208,9 +208,8 @@ def test_within_layer_replayed_attention_prunes_as_full_passes_do(model_type, mo
     batches = full_calls // 4  # full: q/k/v run in the passes of o, the MLP inputs, down and the outputs
     assert replayed_calls == batches + 3  # replayed: the o pass, then one checking batch per later pass
     moe = getattr(get_adapter(replayed), "is_moe", False)
-    assert full_mlp == (0 if moe else 2 * batches)  # full passes: the down pass and the outputs' pass
-    # replayed: the down pass, then one checking batch (down_proj's inputs were kept, on disk)
-    assert replayed_mlp == (0 if moe else batches + 1)
+    # both: the down pass and the outputs' pass (down_proj's inputs are not kept)
+    assert full_mlp == replayed_mlp == (0 if moe else 2 * batches)
     for a, b in zip(replayed.state_dict().values(), full.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -13,9 +13,8 @@ Layers are pruned in order, each calibrated on the already-pruned earlier layers
 sequential`, the paper's choice) or on the dense model (`inputs: dense`, one pass per layer). Within
 a layer (`within_layer: true`, the default) q/k/v are pruned first, then o_proj on the attention
 of the pruned q/k/v, then gate/up, then down, each Hessian taken after the levels before it are
-pruned (the order of GPTQ's `--true-sequential`); after the o level the attention is replayed
-from o_proj's kept inputs instead of run again, and the last pass replays a dense MLP from
-down_proj's inputs (kept in a temporary file, not in memory). `owl:
+pruned (the order of GPTQ's `--true-sequential`); after the o level the attention is not run
+again: its output is o_proj's, kept from o_proj's recorded inputs once o_proj is pruned. `owl:
 true` gives each layer its own sparsity from Wanda-score outlier ratios (the OWL paper's choice for
 SparseGPT too). `refit_iterations: K` (default 20) then re-fits every linear's kept weights to its
 dense outputs with K conjugate-gradient steps, the mask fixed (`compress.ops.obs.refit_kept`): the

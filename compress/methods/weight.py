@@ -94,15 +94,14 @@ class WeightMethod(Method):
             linears = adapter.decoder_linears(layer)
             groups = adapter.input_groups(layer)
             stride = self.second_moment_stride() if moments else None
-            # within the layer, a block's last linear sees inputs that are final once the linears before
-            # it are pruned, so the block is not run again: its output is that linear applied to the kept
-            # inputs. o_proj's (N x heads x head_dim floats) are kept in memory; a dense MLP's down_proj
-            # inputs (N x intermediate floats, 400 MB for SmolLM2 at 128 x 512) in a temporary file,
-            # which saves the second gate/up forward without the memory
-            o_name, down_name = adapter.output_projection_paths()
+            # within the layer, the attention's last linear sees inputs that are final once q/k/v are
+            # pruned, so the later passes do not run the attention again: its output is kept (o_proj's
+            # inputs during the o level, then its outputs once it is pruned; N x heads x head_dim floats,
+            # in memory). The MLP runs again in the outputs' pass: keeping down_proj's inputs (N x
+            # intermediate floats, 400 MB for SmolLM2 at 128 x 512) costs more to write to a file than
+            # gate/up cost to recompute (docs/benchmarks.md)
+            o_name, _down = adapter.output_projection_paths()
             records = {o_name: adapter.attention(layer)}
-            if adapter.experts(layer) is None and down_name in linears:
-                records[down_name] = adapter.mlp(layer)
             replay = []
             # within the layer: one statistics pass per level, each after the levels before it were pruned
             for level in (input_levels(adapter, groups) if within else [groups]):
@@ -112,7 +111,7 @@ class WeightMethod(Method):
                                  where=f"decoder layer {index}") as shared:
                     # a statistics-only pass stops once the level's last input is seen
                     capture.forward(index, layer, advance=advance, stop_at=None if advance else linears[level[-1][0]],
-                                    record=record, replay=replay, spill=last == down_name)
+                                    record=record, replay=replay)
                 yield index, layer, {name: shared[group[0]] for group in level for name in group}
                 if record is not None:
                     replay.append((records[last], record))

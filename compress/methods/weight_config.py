@@ -18,7 +18,7 @@ class WeightStageConfig(StageConfig):
     within_layer: bool = Field(
         False, description="inputs: sequential only: prune q/k/v, o, the MLP inputs and down in turn, each "
                            "measured on the layer with the earlier ones already pruned (partial passes; the "
-                           "attention is replayed from o_proj's kept inputs)")
+                           "attention's output is kept once o_proj is pruned, not recomputed)")
     sparsity_of: Literal["stage", "model"] = Field(
         "stage", description="stage: sparsity is the share of zeros in the weights this stage sees; model: the "
                              "share of the original model's decoder-linear parameters gone after it, counting "
