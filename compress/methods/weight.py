@@ -98,15 +98,13 @@ class WeightMethod(Method):
             # pruned, so the later passes do not run the attention again: its output is kept (o_proj's
             # inputs during the o level, then its outputs once it is pruned; N x heads x head_dim floats,
             # in memory). The MLP runs again in the outputs' pass: keeping down_proj's inputs (N x
-            # intermediate floats, 400 MB for SmolLM2 at 128 x 512) costs more to write to a file than
-            # gate/up cost to recompute (docs/benchmarks.md)
-            o_name, _down = adapter.output_projection_paths()
-            records = {o_name: adapter.attention(layer)}
+            # intermediate floats, 400 MB for SmolLM2 at 128 x 512) in a file cost more time than recomputing
+            # gate/up (docs/benchmarks.md)
+            o_name = adapter.output_projection_paths()[0]
             replay = []
             # within the layer: one statistics pass per level, each after the levels before it were pruned
             for level in (input_levels(adapter, groups) if within else [groups]):
-                last = level[0][0] if within and len(level) == 1 and level[0][0] in records else None
-                record = linears[last] if last is not None else None
+                record = linears[o_name] if within and len(level) == 1 and level[0][0] == o_name else None
                 with input_stats({group[0]: linears[group[0]] for group in level}, stride,
                                  where=f"decoder layer {index}") as shared:
                     # a statistics-only pass stops once the level's last input is seen
@@ -114,7 +112,7 @@ class WeightMethod(Method):
                                     record=record, replay=replay)
                 yield index, layer, {name: shared[group[0]] for group in level for name in group}
                 if record is not None:
-                    replay.append((records[last], record))
+                    replay.append((adapter.attention(layer), record))
             if not advance:  # outputs of the pruned layer feed the next
                 capture.forward(index, layer, advance=True, replay=replay)
             if after_layer is not None:
