@@ -100,8 +100,10 @@ ROWS = {
     # as flap_50_lora_nockpt)
     "loraprune_50_nockpt": "recipe=loraprune_20 sparsity=0.5 stages.0.gradient_checkpointing=false",
     "loraprune_20_nockpt": "recipe=loraprune_20 stages.0.gradient_checkpointing=false",
-    # the FLAP -> LoRA row at LoRAPrune 20%'s sparsity and budget
+    # the FLAP -> LoRA and CFSP -> LoRA rows at LoRAPrune 20%'s sparsity and budget
     "flap_20_lora_nockpt": "recipe=flap_50_lora stages.0.sparsity=0.2 stages.1.gradient_checkpointing=false",
+    "cfsp_20_lora_nockpt": "recipe=flap_50_lora stages.0.method=cfsp stages.0.sparsity=0.2 "
+                           "stages.1.gradient_checkpointing=false",
     # ARMOR 2:4 from our SparseGPT 2:4, iterations within a wall-clock budget so that the whole pruning stays
     # under the official code's 1,292 s (its 250 iterations at block 64): the default (full-Hessian loss on
     # SparseGPT's Hessians), the paper's diagonal proxy from the same start, the paper's algorithm (NoWag-P start)
