@@ -40,6 +40,7 @@ class ChannelStats:
         self._sum = self._sum_sq = self._gram = self.gram_sum = None
         self._pending, self._pending_batches = None, 0  # float32 products not yet in the float64 sum
         self._pending_upper = False  # the pending product holds its upper triangle only (strips)
+        self._mirrored = True  # the float64 sum's lower triangle is up to date
         # vectors of ones for the column sums, shared by one layer's statistics (`input_stats`)
         self._scratch = scratch if scratch is not None else {}
 
@@ -98,15 +99,26 @@ class ChannelStats:
 
     def _flush(self) -> None:
         """Fold the float32 products of the last few batches into the float64 sum (a float64 add per batch
-        costs a quarter of the product's time on CPU; a few batches of centred data lose nothing)."""
+        costs a quarter of the product's time on CPU; a few batches of centred data lose nothing).
+
+        With strips only the upper triangle is summed (one in-place add; what lands below the diagonal
+        is overwritten): `gram` mirrors it once when read, not at every fold (the mirror at each fold
+        cost 16 s of a 278 s SparseGPT run; the sums, element by element, are the same)."""
         if self._pending_batches:
-            if self._pending_upper:  # mirror the upper triangle: U + U^T - diag
-                upper = self._pending.double().triu()
-                self._gram += upper + upper.triu(1).T
-            else:
-                self._gram += self._pending
+            self._gram += self._pending
             self._pending.zero_()
             self._pending_batches = 0
+            self._mirrored = not self._pending_upper
+
+    def _mirror(self) -> None:
+        """Copy the float64 sum's upper triangle onto its lower one, strip by strip (no full-size temporary)."""
+        gram = self._gram
+        for start in range(0, self.width, STRIP):
+            stop = min(start + STRIP, self.width)
+            block = gram[start:stop, start:stop]
+            block.copy_(block.triu() + block.triu(1).T)
+            gram[stop:, start:stop] = gram[start:stop, stop:].T
+        self._mirrored = True
 
     @property
     def shifted_sum(self) -> torch.Tensor:
@@ -126,6 +138,8 @@ class ChannelStats:
         """sum over the sub-sampled tokens of (x - shift)(x - shift)^T (float64)."""
         if self._gram is not None:
             self._flush()
+            if not self._mirrored:
+                self._mirror()
         return self._gram
 
     def check_finite(self) -> None:

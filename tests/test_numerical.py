@@ -67,3 +67,21 @@ def test_statistics_keep_the_variance_of_large_mean_channels():
     assert torch.allclose(plain.variance.double(), true_variance, rtol=1e-4)
     assert torch.allclose(plain.l2_norm, stats.l2_norm, rtol=1e-6)
     assert torch.allclose(plain.mean.double(), x.mean(0), rtol=1e-7)
+
+
+def test_strip_second_moment_is_symmetric_when_read_between_updates():
+    """Wider than one strip, only the upper triangle is summed and mirrored when read: reading the second
+    moment, then adding batches, then reading again must give the full symmetric E[x x^T] both times."""
+    from calibration.stats import STRIP, ChannelStats
+
+    generator = torch.Generator().manual_seed(1)
+    width = STRIP + 77
+    stats = ChannelStats("wide", width, second_moment_stride=1)
+    batches = [0.5 + torch.randn(256, width, generator=generator) for _ in range(6)]
+    for count, batch in enumerate(batches, start=1):
+        stats.update(batch)
+        if count in (2, 6):
+            x = torch.cat(batches[:count]).double()
+            moment = stats.second_moment()
+            assert torch.equal(moment, moment.T)
+            assert torch.allclose(moment, x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)  # float32 products
